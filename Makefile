@@ -1,0 +1,35 @@
+# Two commands: `make demo` (set up + run the default pipeline on the CPU) and `make test`.
+# TORCH picks the PyTorch build: the default installs the CPU build 2.13.0 first so that
+# nothing pulls the CUDA wheels; on a GPU machine use `make demo TORCH=torch` (or any spec).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+RUN_DIR ?= runs/demo
+SEED ?= 0
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+
+.PHONY: setup demo test test-slow lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/rlhf-toy pipeline --output_dir $(RUN_DIR) --seed $(SEED)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check rlhf_toy tests scripts
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

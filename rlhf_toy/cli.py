@@ -1,0 +1,138 @@
+"""`rlhf-toy STAGE [--config FILE] [--key value ...]`: every stage, and the whole pipeline.
+
+Bad input (unknown stage, key or task, a value out of range, a missing checkpoint or
+dataset) ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+
+from rlhf_toy.config import (
+    PPOConfig,
+    PrefsConfig,
+    RewardConfig,
+    SFTConfig,
+    UsageError,
+    parse_config,
+)
+
+
+def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
+    """stage -> (config class, runner, headline keys); imported lazily for a fast --help."""
+    from rlhf_toy.data import run_prefs
+    from rlhf_toy.train.ppo import run_ppo
+    from rlhf_toy.train.reward import run_reward
+    from rlhf_toy.train.sft import run_sft
+
+    return {
+        "sft": (SFTConfig, run_sft, ["gold_reward", "eval_loss", "wall_s"]),
+        "prefs": (PrefsConfig, run_prefs, ["train_pairs", "test_pairs", "gold_accuracy", "wall_s"]),
+        "reward": (RewardConfig, run_reward, ["eval_accuracy", "gold_accuracy", "eval_loss",
+                                              "wall_s"]),
+        "ppo": (PPOConfig, run_ppo, ["gold_reward_before", "gold_reward_after",
+                                     "proxy_reward_after", "kl_to_ref", "wall_s"]),
+    }
+
+
+PIPELINE = ("sft", "prefs", "reward", "ppo")
+# which earlier stage directory each input field of a stage points to in a pipeline run
+STAGE_INPUTS = {"sft_dir": "sft", "prefs_dir": "prefs", "reward_dir": "reward",
+                "ppo_dir": "ppo", "dpo_dir": "dpo"}
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """Every stage end to end, each into OUTPUT_DIR/<stage>/ reading the earlier ones."""
+
+    output_dir: str = dataclasses.field(default="runs/pipeline",
+                                        metadata={"help": "run directory; stages go in subdirs"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed for every stage"})
+    task: str = dataclasses.field(default="sentiment", metadata={"help": "toy task name"})
+    config_dir: str = dataclasses.field(
+        default="", metadata={"help": "directory of per-stage YAML files (e.g. configs/gpu)"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda"})
+
+    def __post_init__(self) -> None:
+        from rlhf_toy.tasks import TASKS
+
+        if self.task not in TASKS:
+            raise UsageError(f"task must be one of {sorted(TASKS)} (got {self.task!r})")
+        if os.path.isfile(self.output_dir):
+            raise UsageError(f"output_dir {self.output_dir!r} is a file; give a directory")
+        if self.config_dir and not os.path.isdir(self.config_dir):
+            raise UsageError(f"config_dir {self.config_dir!r} does not exist")
+
+
+def _stage_argv(pipe: PipelineConfig, stage: str, cls: type) -> list[str]:
+    argv = []
+    yaml_file = os.path.join(pipe.config_dir, f"{stage}.yaml") if pipe.config_dir else ""
+    if yaml_file and os.path.isfile(yaml_file):
+        argv += ["--config", yaml_file]
+    argv += ["--output_dir", os.path.join(pipe.output_dir, stage), "--seed", str(pipe.seed),
+             "--task", pipe.task, "--device", pipe.device]
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name, source in STAGE_INPUTS.items():
+        if name in names:
+            argv += [f"--{name}", os.path.join(pipe.output_dir, source)]
+    return argv
+
+
+def run_pipeline(pipe: PipelineConfig) -> dict:
+    stages = _stages()
+    results = {}
+    for stage in PIPELINE:
+        cls, runner, keys = stages[stage]
+        cfg = parse_config(cls, _stage_argv(pipe, stage, cls), prog=f"rlhf-toy {stage}")
+        results[stage] = runner(cfg)
+        _print_line(stage, results[stage], keys)
+    return results
+
+
+def _print_line(stage: str, summary: dict, keys: list[str]) -> None:
+    from rlhf_toy.train.common import stage_line
+
+    print(stage_line(stage, summary, keys), flush=True)
+
+
+USAGE = ("usage: rlhf-toy STAGE [--config FILE] [--key value ...]\n"
+         f"stages: {', '.join(PIPELINE)}, pipeline, tasks\n"
+         "`rlhf-toy STAGE --help` lists a stage's keys.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    stage, rest = argv[0], argv[1:]
+    try:
+        if stage == "tasks":
+            from rlhf_toy.tasks import TASKS
+
+            for name, cls in TASKS.items():
+                print(f"{name:10s} {(cls.__doc__ or cls.__module__).strip().splitlines()[0]}")
+            return 0
+        if stage == "pipeline":
+            run_pipeline(parse_config(PipelineConfig, rest, prog="rlhf-toy pipeline"))
+            return 0
+        stages = _stages()
+        if stage not in stages:
+            raise UsageError(f"stage must be one of {sorted([*stages, 'pipeline', 'tasks'])} "
+                             f"(got {stage!r})")
+        cls, runner, keys = stages[stage]
+        _print_line(stage, runner(parse_config(cls, rest, prog=f"rlhf-toy {stage}")), keys)
+        return 0
+    except UsageError as exc:
+        print(f"rlhf-toy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlhf-toy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""One dataclass config per stage, loaded strictly from YAML, overridable from the CLI.
+
+Every field has a default (the `tiny` CPU setting) and a one-line help. Values are
+validated in `__post_init__`; a bad value raises `UsageError` naming the field and
+what is allowed, which the CLI turns into one line and exit code 2.
+
+Loading order: dataclass defaults < YAML file (`--config FILE`) < command line.
+YAML values travel through the same argparse type conversion as the command line,
+so `beta: abc` in a file fails exactly like `--beta abc`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class UsageError(ValueError):
+    """Bad input from the user: a config value, a path, a dataset. One line, exit code 2."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help string (shown by `--help`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def check(condition: bool, name: str, allowed: str, value: Any) -> None:
+    """Raise `UsageError("NAME must be ALLOWED (got VALUE)")` unless `condition`."""
+    if not condition:
+        raise UsageError(f"{name} must be {allowed} (got {value!r})")
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        check(value > 0, name, "> 0", value)
+
+
+def _unit(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        check(0.0 <= value <= 1.0, name, "in [0, 1]", value)
+
+
+@dataclass
+class CommonConfig:
+    """Fields every stage has."""
+
+    output_dir: str = _f("runs/default", "directory this stage writes its artifacts into")
+    seed: int = _f(0, "seed for python, numpy and torch; same seed, same numbers")
+    task: str = _f("sentiment", "toy task name (see `rlhf-toy tasks`)")
+    device: str = _f("auto", "auto | cpu | cuda")
+    mixed_precision: str = _f("no", "accelerate mixed precision: no | fp16 | bf16")
+
+    def __post_init__(self) -> None:
+        from rlhf_toy.tasks import TASKS
+
+        check(self.task in TASKS, "task", f"one of {sorted(TASKS)}", self.task)
+        check(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", self.device)
+        check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision",
+              "no, fp16 or bf16", self.mixed_precision)
+        if os.path.isfile(self.output_dir):
+            raise UsageError(f"output_dir {self.output_dir!r} is a file; give a directory")
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled (rollouts, preference data, evaluation)."""
+
+    max_new_tokens: int = _f(16, "response length limit in tokens (EOS included)")
+    temperature: float = _f(1.0, "sampling temperature; log-probs use the same one")
+    top_k: int = _f(0, "sample from the k most likely tokens only; 0 = off")
+    n_eval_prompts: int = _f(128, "held-out prompts used for gold/proxy reward evaluation")
+
+    def _check_sampling(self) -> None:
+        _positive(self, "max_new_tokens", "temperature", "n_eval_prompts")
+        check(self.top_k >= 0, "top_k", ">= 0", self.top_k)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and checkpointing fields shared by the training stages."""
+
+    learning_rate: float = _f(1e-3, "AdamW learning rate")
+    batch_size: int = _f(32, "examples per optimizer step (per process)")
+    gradient_accumulation_steps: int = _f(1, "micro-batches accumulated per optimizer step")
+    max_steps: int = _f(300, "optimizer steps (PPO: iterations)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    logging_steps: int = _f(10, "write a metrics.jsonl row every N steps")
+    save_steps: int = _f(0, "write a resumable checkpoint every N steps; 0 = only at the end")
+    resume_from_checkpoint: str = _f("", "PATH of a checkpoint, or 'latest' in output_dir")
+
+    def _check_train(self) -> None:
+        _positive(self, "learning_rate", "batch_size", "gradient_accumulation_steps",
+                  "max_steps", "max_grad_norm", "logging_steps")
+        check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        check(self.save_steps >= 0, "save_steps", ">= 0", self.save_steps)
+
+
+@dataclass
+class SFTConfig(CommonConfig, SamplingConfig, TrainConfig):
+    """Supervised fine-tuning of the tiny GPT on the task's corpus."""
+
+    n_layer: int = _f(2, "transformer blocks")
+    n_embd: int = _f(64, "embedding width")
+    n_head: int = _f(4, "attention heads")
+    n_positions: int = _f(32, "context length (prompt + response must fit)")
+    n_train: int = _f(4000, "generated SFT examples")
+    n_eval: int = _f(256, "generated held-out examples for eval_loss")
+
+    def __post_init__(self) -> None:
+        CommonConfig.__post_init__(self)
+        self._check_sampling()
+        self._check_train()
+        _positive(self, "n_layer", "n_embd", "n_head", "n_positions", "n_train", "n_eval")
+        check(self.n_embd % self.n_head == 0, "n_embd", "divisible by n_head", self.n_embd)
+
+
+@dataclass
+class PrefsConfig(CommonConfig, SamplingConfig):
+    """Preference pairs sampled from the SFT policy and labelled by the gold reward."""
+
+    sft_dir: str = _f("runs/default/sft", "SFT checkpoint to sample responses from")
+    n_pairs: int = _f(2000, "preference pairs (train + test)")
+    test_fraction: float = _f(0.2, "held-out fraction of the pairs")
+    label_temperature: float = _f(0.1, "Bradley-Terry label noise: P(a > b) = sigmoid((g_a - g_b) / T)")
+
+    def __post_init__(self) -> None:
+        CommonConfig.__post_init__(self)
+        self._check_sampling()
+        _positive(self, "n_pairs", "label_temperature")
+        check(0.0 < self.test_fraction < 1.0, "test_fraction", "in (0, 1)", self.test_fraction)
+
+
+@dataclass
+class RewardConfig(CommonConfig, TrainConfig):
+    """Reward model: GPT-2 backbone (from SFT) plus a scalar head, Bradley-Terry loss."""
+
+    sft_dir: str = _f("runs/default/sft", "SFT checkpoint whose backbone initialises the reward model")
+    prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs)")
+    head_init_std: float = _f(0.02, "std of the scalar head's initial weights (small)")
+    eval_batch_size: int = _f(256, "pairs per evaluation batch")
+
+    def __post_init__(self) -> None:
+        CommonConfig.__post_init__(self)
+        self._check_train()
+        _positive(self, "head_init_std", "eval_batch_size")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _yaml_to_argv(cls: type, path: str) -> list[str]:
+    """Read a YAML mapping strictly and turn it into `--key value` tokens."""
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path!r} does not exist")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UsageError(f"config file {path!r} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path!r} must hold a mapping of field: value")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UsageError(f"unknown config key {unknown[0]!r} in {path} for {cls.__name__}; "
+                         f"see --help for the allowed keys")
+    argv: list[str] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        argv.append(f"--{key}")
+        argv.extend(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
+    return argv
+
+
+def parse_config(cls: type, argv: list[str], prog: str = "rlhf-toy") -> Any:
+    """Build a `cls` config from `[--config FILE] [--key value ...]`.
+
+    Raises:
+        UsageError: unknown key, unparsable value, or a value out of range.
+    """
+    from transformers import HfArgumentParser
+
+    argv = list(argv)
+    yaml_argv: list[str] = []
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UsageError("--config needs a YAML file path")
+        yaml_argv = _yaml_to_argv(cls, argv[i + 1])
+        del argv[i: i + 2]
+    parser = HfArgumentParser(cls, prog=prog, description=cls.__doc__)
+    parser.error = _Parser.error.__get__(parser)  # type: ignore[method-assign]
+    parser.add_argument("--config", help="YAML file with any of the fields below")
+    namespace, remaining = parser.parse_known_args(yaml_argv + argv)
+    if remaining:
+        raise UsageError(f"unknown argument {remaining[0]!r}; see --help for the allowed keys")
+    kwargs = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (written next to every artifact)."""
+    return dataclasses.asdict(cfg)
+
+
+@dataclass
+class PPOConfig(CommonConfig, SamplingConfig, TrainConfig):
+    """PPO with a per-token KL penalty to the frozen SFT reference (Ziegler et al. 2019)."""
+
+    sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
+    reward_dir: str = _f("runs/default/reward", "reward model checkpoint (frozen)")
+    mini_batch_size: int = _f(16, "rollouts per PPO minibatch update")
+    ppo_epochs: int = _f(4, "passes over each rollout batch")
+    beta: float = _f(0.05, "KL penalty coefficient (initial value if adaptive_kl)")
+    kl_estimator: str = _f("k1", "per-token KL estimator: k1 | k2 | k3")
+    adaptive_kl: bool = _f(False, "adapt beta towards target_kl (Ziegler et al. 2019)")
+    target_kl: float = _f(2.0, "target sequence KL for the adaptive controller")
+    kl_horizon: int = _f(10000, "horizon (in rollouts) of the adaptive controller")
+    gamma: float = _f(1.0, "discount over response tokens")
+    lam: float = _f(0.95, "GAE lambda")
+    clip_range: float = _f(0.2, "PPO ratio clipping epsilon")
+    clip_range_value: float = _f(0.2, "value clipping around the old values")
+    vf_coef: float = _f(0.5, "value loss coefficient")
+    ent_coef: float = _f(0.0, "entropy bonus coefficient")
+    critic: str = _f("value_head", "value_head (on the policy) | reward_model (separate critic)")
+    whiten_scores: bool = _f(False, "whiten reward-model scores over the batch")
+    whiten_advantages: bool = _f(True, "whiten advantages over the batch's real tokens")
+    missing_eos_penalty: float = _f(1.0, "subtracted from the score of responses cut by the length limit")
+    eval_steps: int = _f(0, "held-out gold/proxy evaluation every N iterations; 0 = start and end")
+    inspect_steps: int = _f(0, "write inspect/step_N.json of a few samples every N iterations; 0 = off")
+
+    def __post_init__(self) -> None:
+        CommonConfig.__post_init__(self)
+        self._check_sampling()
+        self._check_train()
+        _positive(self, "mini_batch_size", "ppo_epochs", "clip_range", "clip_range_value",
+                  "target_kl", "kl_horizon")
+        check(self.mini_batch_size <= self.batch_size, "mini_batch_size",
+              f"<= batch_size ({self.batch_size})", self.mini_batch_size)
+        check(self.batch_size % self.mini_batch_size == 0, "batch_size",
+              f"a multiple of mini_batch_size ({self.mini_batch_size})", self.batch_size)
+        check(self.beta >= 0, "beta", ">= 0", self.beta)
+        _unit(self, "gamma", "lam")
+        check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", "k1, k2 or k3",
+              self.kl_estimator)
+        check(self.critic in ("value_head", "reward_model"), "critic",
+              "value_head or reward_model", self.critic)
+        check(self.vf_coef >= 0, "vf_coef", ">= 0", self.vf_coef)
+        check(self.ent_coef >= 0, "ent_coef", ">= 0", self.ent_coef)
+        check(self.missing_eos_penalty >= 0, "missing_eos_penalty", ">= 0",
+              self.missing_eos_penalty)
+        check(self.eval_steps >= 0, "eval_steps", ">= 0", self.eval_steps)
+        check(self.inspect_steps >= 0, "inspect_steps", ">= 0", self.inspect_steps)

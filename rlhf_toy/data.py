@@ -1,0 +1,154 @@
+"""Generated datasets: the SFT corpus and preference pairs (TRL's column names).
+
+Preference labels come from the hidden gold reward through a Bradley-Terry draw,
+
+    P(a preferred over b) = sigmoid((gold(a) - gold(b)) / label_temperature),
+
+so labels are noisy and the reward model learned from them is only a proxy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import torch
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from rlhf_toy.config import UsageError
+from rlhf_toy.evaluate import SamplingArgs, sample_batched
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def sft_dataset(task, n: int, seed: int) -> Dataset:
+    """`n` generated (prompt, completion) examples, TRL's prompt-completion format."""
+    pairs = task.sft_corpus(n, random.Random(seed))
+    return Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
+
+
+def bradley_terry_labels(gold_a: list[float], gold_b: list[float], temperature: float,
+                         seed: int) -> tuple[list[bool], list[float]]:
+    """Draw `a preferred over b` for each pair; returns (labels, P(a > b))."""
+    rng = random.Random(seed)
+    probs = [1.0 / (1.0 + math.exp(-(a - b) / temperature)) for a, b in zip(gold_a, gold_b,
+                                                                          strict=True)]
+    return [rng.random() < p for p in probs], probs
+
+
+def build_preferences(policy, tokenizer, task, n_pairs: int, test_fraction: float,
+                      label_temperature: float, sampling: SamplingArgs, seed: int) -> DatasetDict:
+    """Sample two responses per fresh prompt from `policy` and label them by the gold reward.
+
+    Returns:
+        DatasetDict with `train` and `test` splits and string columns `prompt`, `chosen`,
+        `rejected`, plus floats `chosen_gold`, `rejected_gold`, `p_chosen` (the
+        Bradley-Terry probability of the label that was drawn).
+    """
+    prompts = task.sample_prompts(n_pairs, random.Random(seed))
+    _, resp_a = sample_batched(policy, tokenizer, prompts, sampling, seed=seed)
+    _, resp_b = sample_batched(policy, tokenizer, prompts, sampling, seed=seed + 1)
+    gold_a, gold_b = task.gold_batch(prompts, resp_a), task.gold_batch(prompts, resp_b)
+    labels, probs = bradley_terry_labels(gold_a, gold_b, label_temperature, seed)
+    rows = {"prompt": prompts, "chosen": [], "rejected": [], "chosen_gold": [],
+            "rejected_gold": [], "p_chosen": []}
+    for a, b, ga, gb, a_wins, p in zip(resp_a, resp_b, gold_a, gold_b, labels, probs,
+                                       strict=True):
+        rows["chosen"].append(a if a_wins else b)
+        rows["rejected"].append(b if a_wins else a)
+        rows["chosen_gold"].append(ga if a_wins else gb)
+        rows["rejected_gold"].append(gb if a_wins else ga)
+        rows["p_chosen"].append(p if a_wins else 1.0 - p)
+    n_test = max(1, int(round(n_pairs * test_fraction)))
+    data = Dataset.from_dict(rows)
+    return DatasetDict(train=data.select(range(n_pairs - n_test)),
+                       test=data.select(range(n_pairs - n_test, n_pairs)))
+
+
+def load_preferences(path: str) -> DatasetDict:
+    """Load a preference dataset written by `rlhf-toy prefs` and check its shape.
+
+    Raises:
+        UsageError: missing directory, missing split or column, or an empty split.
+    """
+    if not os.path.isdir(path):
+        raise UsageError(f"prefs_dir {path!r} does not exist (run `rlhf-toy prefs` first)")
+    try:
+        data = load_from_disk(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"prefs_dir {path!r} holds no datasets dataset ({exc})") from None
+    if not isinstance(data, DatasetDict) or not {"train", "test"} <= set(data):
+        raise UsageError(f"preference dataset {path!r} must have 'train' and 'test' splits")
+    for split in ("train", "test"):
+        missing = [c for c in PREFERENCE_COLUMNS if c not in data[split].column_names]
+        if missing:
+            raise UsageError(f"preference dataset {path!r} ({split}) lacks column "
+                             f"{missing[0]!r}; needs {list(PREFERENCE_COLUMNS)}")
+        if len(data[split]) == 0:
+            raise UsageError(f"preference dataset {path!r} has an empty {split!r} split")
+    return data
+
+
+def gold_accuracy(data: Dataset) -> float:
+    """How often the gold reward itself ranks `chosen` above `rejected` (ties count 1/2):
+    the ceiling any reward model can reach on these noisy labels."""
+    c = torch.tensor(list(data["chosen_gold"]))
+    r = torch.tensor(list(data["rejected_gold"]))
+    return float(((c > r).float() + 0.5 * (c == r).float()).mean())
+
+
+def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str],
+                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Tokenize a whole dataset once: left-padded prompts, right-padded responses + EOS.
+
+    Returns:
+        dict of `prompt_ids`, `prompt_mask` (N, P) and `response_ids`, `response_mask` (N, T).
+    """
+    from rlhf_toy.rollout import encode_prompts, encode_responses
+
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, list(prompts), device)
+    response_ids, response_mask = encode_responses(tokenizer, list(responses), True, device)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "response_ids": response_ids, "response_mask": response_mask}
+
+
+def select_batch(data: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows `index` of a tokenized dataset, with all-padding columns trimmed away."""
+    batch = {k: v[index] for k, v in data.items()}
+    p_keep = int(batch["prompt_mask"].sum(0).nonzero().min())  # first column with a real token
+    t_keep = int(batch["response_mask"].sum(0).nonzero().max()) + 1
+    for k in ("prompt_ids", "prompt_mask"):
+        batch[k] = batch[k][:, p_keep:]
+    for k in ("response_ids", "response_mask"):
+        batch[k] = batch[k][:, :t_keep]
+    return batch
+
+
+def run_prefs(cfg) -> dict:
+    """Stage `prefs`: write the preference dataset (`save_to_disk`) and its summary."""
+    import time
+
+    from rlhf_toy.models import load_policy
+    from rlhf_toy.tasks import get_task
+    from rlhf_toy.tokenizer import load_tokenizer
+    from rlhf_toy.train.common import start_stage, write_json
+
+    acc, t0 = start_stage(cfg, "prefs")
+    task = get_task(cfg.task)
+    policy = load_policy(cfg.sft_dir).to(acc.device).eval()
+    tokenizer = load_tokenizer(cfg.sft_dir)
+    data = build_preferences(policy, tokenizer, task, cfg.n_pairs, cfg.test_fraction,
+                             cfg.label_temperature,
+                             SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k), cfg.seed)
+    train = data["train"]
+    gold_gap = torch.tensor(list(train["chosen_gold"])) - torch.tensor(list(train["rejected_gold"]))
+    summary = {"train_pairs": len(data["train"]), "test_pairs": len(data["test"]),
+               "gold_accuracy": gold_accuracy(data["test"]),
+               "label_agreement_train": float((gold_gap > 0).float().mean()),
+               "ties_train": float((gold_gap == 0).float().mean()),
+               "wall_s": time.perf_counter() - t0}
+    if acc.is_main_process:
+        data.save_to_disk(cfg.output_dir)
+        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    return summary

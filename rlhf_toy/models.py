@@ -1,0 +1,199 @@
+"""Tiny GPT policy, value head / critic and reward model, all `transformers` GPT-2 classes.
+
+Shapes: B batch, P prompt length (left-padded), T response length (right-padded),
+L = P + T, V vocabulary, H hidden width.
+
+Every sequence is laid out the same way in every forward pass (rollout, reference,
+training, reward): `[pad..pad prompt | response EOS pad..pad]`, with position ids
+derived from the attention mask so that left padding never shifts positions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+from rlhf_toy.config import UsageError
+
+VALUE_HEAD_FILE = "value_head.pt"
+
+
+def build_policy(tokenizer, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
+                 n_positions: int = 32) -> GPT2LMHeadModel:
+    """A freshly initialised GPT-2 LM from a config; dropout off everywhere (RL needs it off)."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _check_checkpoint(path: str, kind: str) -> dict:
+    if not os.path.isdir(path):
+        raise UsageError(f"{kind} checkpoint {path!r} does not exist (run the earlier stage first)")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UsageError(f"{kind} checkpoint {path!r} holds no model (config.json missing)")
+    with open(cfg_path) as fh:
+        return json.load(fh)
+
+
+def load_policy(path: str) -> GPT2LMHeadModel:
+    """Load a policy saved with `save_pretrained`; clear error if it is another kind of model."""
+    config = _check_checkpoint(path, "policy")
+    if "GPT2LMHeadModel" not in config.get("architectures", []):
+        raise UsageError(f"policy checkpoint {path!r} holds a {config.get('architectures')} "
+                         "model, not a GPT2LMHeadModel policy")
+    return GPT2LMHeadModel.from_pretrained(path, local_files_only=True)
+
+
+def load_reward_model(path: str) -> GPT2ForSequenceClassification:
+    """Load a reward model written by the `reward` stage."""
+    config = _check_checkpoint(path, "reward model")
+    if "GPT2ForSequenceClassification" not in config.get("architectures", []):
+        raise UsageError(f"reward checkpoint {path!r} holds a {config.get('architectures')} "
+                         "model, not a GPT2ForSequenceClassification reward model")
+    return GPT2ForSequenceClassification.from_pretrained(path, local_files_only=True)
+
+
+def reward_model_from_policy(sft_dir: str, head_init_std: float) -> GPT2ForSequenceClassification:
+    """A reward model whose backbone starts from the SFT policy and whose head starts small."""
+    _check_checkpoint(sft_dir, "SFT")
+    level = logging.getLogger("transformers.modeling_utils").level
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)  # "newly initialized"
+    try:
+        model = GPT2ForSequenceClassification.from_pretrained(sft_dir, num_labels=1,
+                                                              local_files_only=True)
+    finally:
+        logging.getLogger("transformers.modeling_utils").setLevel(level)
+    nn.init.normal_(model.score.weight, std=head_init_std)
+    return model
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only: (B, L) -> (B, L); padding gets 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sequence_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor) -> dict:
+    """Concatenate a left-padded prompt and a right-padded response into model inputs."""
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()  # (B, P + T)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask)}
+
+
+def response_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor,
+                    temperature: float = 1.0, return_hidden: bool = False):
+    """Logits that predict each response token, divided by `temperature`.
+
+    Returns:
+        logits: (B, T, V), `logits[:, t]` predicts `response_ids[:, t]`.
+        hidden: (B, T, H) final hidden states at the same positions (if `return_hidden`).
+    """
+    inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+    out = model(**inputs, output_hidden_states=return_hidden, use_cache=False)
+    p, t = prompt_ids.shape[1], response_ids.shape[1]
+    logits = out.logits[:, p - 1: p + t - 1] / temperature  # (B, L, V) -> (B, T, V)
+    if not return_hidden:
+        return logits
+    return logits, out.hidden_states[-1][:, p - 1: p + t - 1]  # (B, T, H)
+
+
+def reward_scores(reward_model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                  response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """The reward model's score at each sequence's last real token: (B,)."""
+    inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+    out = reward_model.transformer(**inputs, use_cache=False)
+    hidden = out.last_hidden_state  # (B, L, H)
+    last = inputs["attention_mask"].shape[1] - 1 - inputs["attention_mask"].flip(-1).argmax(-1)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return reward_model.score(pooled).squeeze(-1)  # (B, 1) -> (B,)
+
+
+class PolicyWithValueHead(nn.Module):
+    """A GPT-2 policy and a scalar value head on its final hidden state (one forward pass).
+
+    The head is initialised to output exactly zero, so the critic starts neutral.
+    """
+
+    def __init__(self, policy: GPT2LMHeadModel):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.config.n_embd, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0):
+        """Returns (logits (B, T, V), values (B, T)); `values[:, t]` is V(s_t)."""
+        logits, hidden = response_logits(self.policy, prompt_ids, prompt_mask, response_ids,
+                                          response_mask, temperature, return_hidden=True)
+        return logits, self.value_head(hidden).squeeze(-1)  # (B, T, 1) -> (B, T)
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        self.policy.save_pretrained(path, **kwargs)
+        torch.save(self.value_head.state_dict(), os.path.join(path, VALUE_HEAD_FILE))
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> PolicyWithValueHead:
+        model = cls(load_policy(path))
+        head = os.path.join(path, VALUE_HEAD_FILE)
+        if os.path.isfile(head):
+            model.value_head.load_state_dict(torch.load(head, weights_only=True))
+        return model
+
+
+class RewardCritic(nn.Module):
+    """A separate critic initialised from the reward model: its backbone, and its score head
+    applied at every position (so V at the last token starts equal to the reward score)."""
+
+    def __init__(self, reward_model: GPT2ForSequenceClassification):
+        super().__init__()
+        self.transformer = reward_model.transformer
+        self.value_head = nn.Linear(reward_model.config.n_embd, 1)
+        with torch.no_grad():
+            self.value_head.weight.copy_(reward_model.score.weight)
+            self.value_head.bias.zero_()
+
+    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask):
+        """Returns values (B, T): the value of the state before each response token."""
+        inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+        hidden = self.transformer(**inputs, use_cache=False).last_hidden_state  # (B, L, H)
+        p, t = prompt_ids.shape[1], response_ids.shape[1]
+        return self.value_head(hidden[:, p - 1: p + t - 1]).squeeze(-1)  # (B, T)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: the reference model and the reward model."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class PolicyWithCritic(nn.Module):
+    """A policy and a separate critic (`RewardCritic`); same interface as `PolicyWithValueHead`."""
+
+    def __init__(self, policy: GPT2LMHeadModel, critic: RewardCritic):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+
+    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0):
+        """Returns (logits (B, T, V), values (B, T))."""
+        logits = response_logits(self.policy, prompt_ids, prompt_mask, response_ids,
+                                 response_mask, temperature)
+        return logits, self.critic(prompt_ids, prompt_mask, response_ids, response_mask)
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        self.policy.save_pretrained(path, **kwargs)
+        torch.save(self.critic.state_dict(), os.path.join(path, "critic.pt"))

@@ -1,0 +1,31 @@
+"""An offline word-level tokenizer built from a task's vocabulary.
+
+Ids 0..3 are the special tokens; the pad token is distinct from EOS, so real EOS
+tokens are never masked as padding. No BOS is added to prompts (as in TRL's
+preference format); it exists for completeness of the GPT-2 config.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+
+
+def build_tokenizer(words: tuple[str, ...] | list[str]) -> PreTrainedTokenizerFast:
+    """A `PreTrainedTokenizerFast` over `words` (split on whitespace), specials first."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS,
+                                   eos_token=EOS, unk_token=UNK, padding_side="left")
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """Reload a tokenizer written by `save_pretrained` (no network)."""
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -1,0 +1,98 @@
+"""Stage `reward`: a Bradley-Terry reward model on the preference pairs.
+
+The model is GPT-2 (backbone initialised from the SFT policy) with a scalar head read
+at the last real token of prompt + response + EOS. Loss (Bradley & Terry 1952;
+Ouyang et al. 2022 eq. 1): mean(-log sigmoid(r(chosen) - r(rejected))).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from rlhf_toy.core import bradley_terry_loss
+
+from rlhf_toy.config import RewardConfig
+from rlhf_toy.data import gold_accuracy, load_preferences, select_batch, tokenize_pairs
+from rlhf_toy.models import reward_model_from_policy, reward_scores
+from rlhf_toy.tokenizer import load_tokenizer
+from rlhf_toy.train.common import MetricsLog, batch_indices, progress, start_stage, write_json
+
+
+def tokenize_preferences(tokenizer, split, device) -> tuple[dict, dict]:
+    """(chosen, rejected) tokenized datasets of one split, row i of each the same pair."""
+    chosen = tokenize_pairs(tokenizer, split["prompt"], split["chosen"], device)
+    rejected = tokenize_pairs(tokenizer, split["prompt"], split["rejected"], device)
+    return chosen, rejected
+
+
+def pair_scores(model, chosen: dict, rejected: dict, index: torch.Tensor):
+    """Reward-model scores of the chosen and rejected responses of pairs `index`: (B,), (B,)."""
+    c, r = select_batch(chosen, index), select_batch(rejected, index)
+    return (reward_scores(model, c["prompt_ids"], c["prompt_mask"], c["response_ids"],
+                          c["response_mask"]),
+            reward_scores(model, r["prompt_ids"], r["prompt_mask"], r["response_ids"],
+                          r["response_mask"]))
+
+
+@torch.no_grad()
+def evaluate_pairs(model, chosen: dict, rejected: dict, batch_size: int) -> dict:
+    """Held-out pairwise accuracy (ties count 1/2) and Bradley-Terry loss."""
+    n = chosen["prompt_ids"].shape[0]
+    sc, sr = [], []
+    for i in range(0, n, batch_size):
+        c, r = pair_scores(model, chosen, rejected, torch.arange(i, min(n, i + batch_size)))
+        sc.append(c)
+        sr.append(r)
+    sc, sr = torch.cat(sc).float(), torch.cat(sr).float()
+    acc = ((sc > sr).float() + 0.5 * (sc == sr).float()).mean()
+    return {"eval_accuracy": float(acc), "eval_loss": float(bradley_terry_loss(sc, sr))}
+
+
+def run_reward(cfg: RewardConfig) -> dict:
+    acc, t0 = start_stage(cfg, "reward")
+    prefs = load_preferences(cfg.prefs_dir)
+    tokenizer = load_tokenizer(cfg.sft_dir)
+    model = reward_model_from_policy(cfg.sft_dir, cfg.head_init_std)
+    train_c, train_r = tokenize_preferences(tokenizer, prefs["train"], acc.device)
+    test_c, test_r = tokenize_preferences(tokenizer, prefs["test"], acc.device)
+    n_train = len(prefs["train"])
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+    log = MetricsLog(cfg.output_dir, acc.is_main_process)
+    bar = progress(cfg.max_steps, "reward", acc.is_main_process)
+    model.train()
+    for step in range(1, cfg.max_steps + 1):
+        for micro in range(cfg.gradient_accumulation_steps):
+            idx = batch_indices(n_train, cfg.batch_size,
+                                (step - 1) * cfg.gradient_accumulation_steps + micro, cfg.seed)
+            with acc.accumulate(model):
+                sc, sr = pair_scores(model, train_c, train_r, idx)
+                loss = bradley_terry_loss(sc, sr)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            train_acc = float((sc > sr).float().mean())
+            log.write(step, loss=loss.item(), accuracy=train_acc)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{train_acc:.2f}")
+        bar.update(1)
+    bar.close()
+
+    model = acc.unwrap_model(model).eval()
+    summary = evaluate_pairs(model, test_c, test_r, cfg.eval_batch_size)
+    summary["gold_accuracy"] = gold_accuracy(prefs["test"])
+    summary["train_pairs"], summary["test_pairs"] = n_train, len(prefs["test"])
+    summary["wall_s"] = time.perf_counter() - t0
+    if acc.is_main_process:
+        log.write(cfg.max_steps, eval_accuracy=summary["eval_accuracy"],
+                  eval_loss=summary["eval_loss"])
+        model.save_pretrained(cfg.output_dir)
+        tokenizer.save_pretrained(cfg.output_dir)
+        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    return summary

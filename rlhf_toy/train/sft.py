@@ -1,0 +1,88 @@
+"""Stage `sft`: supervised fine-tuning of a freshly initialised tiny GPT on the task corpus.
+
+The loss is the token-mean negative log-likelihood of the response tokens (EOS
+included); prompt tokens are context only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from rlhf_toy.config import SFTConfig, UsageError
+from rlhf_toy.data import select_batch, sft_dataset, tokenize_pairs
+from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
+from rlhf_toy.models import build_policy, response_logits
+from rlhf_toy.tasks import get_task
+from rlhf_toy.tokenizer import build_tokenizer
+from rlhf_toy.train.common import MetricsLog, batch_indices, progress, start_stage, write_json
+
+
+def nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the response tokens of a batch."""
+    logits = response_logits(model, batch["prompt_ids"], batch["prompt_mask"],
+                             batch["response_ids"], batch["response_mask"])  # (B, T, V)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, batch["response_ids"][..., None])
+    mask = batch["response_mask"].float()
+    return -(logp.squeeze(-1) * mask).sum() / mask.sum()  # (B, T) -> scalar
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    acc, t0 = start_stage(cfg, "sft")
+    task = get_task(cfg.task)
+    if task.max_prompt_tokens + cfg.max_new_tokens > cfg.n_positions:
+        raise UsageError(f"max_new_tokens must be <= {cfg.n_positions - task.max_prompt_tokens} "
+                         f"so that prompt + response fit n_positions={cfg.n_positions} "
+                         f"(got {cfg.max_new_tokens})")
+    tokenizer = build_tokenizer(task.words)
+    model = build_policy(tokenizer, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions)
+
+    # 1. generated train and held-out corpora, tokenized once
+    train = sft_dataset(task, cfg.n_train, cfg.seed)
+    held_out = sft_dataset(task, cfg.n_eval, cfg.seed + 1)
+    train_t = tokenize_pairs(tokenizer, train["prompt"], train["completion"], acc.device)
+    eval_t = tokenize_pairs(tokenizer, held_out["prompt"], held_out["completion"], acc.device)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+    log = MetricsLog(cfg.output_dir, acc.is_main_process)
+    bar = progress(cfg.max_steps, "sft", acc.is_main_process)
+
+    # 2. next-token training on responses
+    model.train()
+    for step in range(1, cfg.max_steps + 1):
+        for micro in range(cfg.gradient_accumulation_steps):
+            idx = batch_indices(cfg.n_train, cfg.batch_size,
+                                (step - 1) * cfg.gradient_accumulation_steps + micro, cfg.seed)
+            with acc.accumulate(model):
+                loss = nll(model, select_batch(train_t, idx))
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            log.write(step, loss=loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(1)
+    bar.close()
+
+    # 3. held-out loss and gold reward of sampled responses
+    model = acc.unwrap_model(model).eval()
+    with torch.no_grad():
+        eval_loss = nll(model, eval_t).item()
+    args = SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
+    ev = evaluate_policy(model, tokenizer, task, eval_prompts(task, cfg.n_eval_prompts), args,
+                         cfg.seed)
+    summary = {"gold_reward": ev["gold_reward"], "eval_loss": eval_loss,
+               "response_len": ev["response_len"], "eos_frac": ev["eos_frac"],
+               "wall_s": time.perf_counter() - t0}
+    if acc.is_main_process:
+        log.write(cfg.max_steps, eval_loss=eval_loss, gold_reward=ev["gold_reward"])
+        model.save_pretrained(cfg.output_dir)
+        tokenizer.save_pretrained(cfg.output_dir)
+        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    return summary
