@@ -129,7 +129,7 @@ class PrefsConfig(CommonConfig, SamplingConfig):
     """Preference pairs sampled from the SFT policy and labelled by the gold reward."""
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint to sample responses from")
-    n_pairs: int = _f(2000, "preference pairs (train + test)")
+    n_pairs: int = _f(4000, "preference pairs (train + test)")
     test_fraction: float = _f(0.2, "held-out fraction of the pairs")
     label_temperature: float = _f(0.1, "Bradley-Terry label noise: P(a > b) = sigmoid((g_a - g_b) / T)")
 
@@ -146,6 +146,8 @@ class RewardConfig(CommonConfig, TrainConfig):
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint whose backbone initialises the reward model")
     prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs)")
+    batch_size: int = _f(64, "preference pairs per optimizer step (per process)")
+    max_steps: int = _f(200, "optimizer steps")
     head_init_std: float = _f(0.02, "std of the scalar head's initial weights (small)")
     eval_batch_size: int = _f(256, "pairs per evaluation batch")
 
@@ -230,6 +232,8 @@ class PPOConfig(CommonConfig, SamplingConfig, TrainConfig):
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
     reward_dir: str = _f("runs/default/reward", "reward model checkpoint (frozen)")
+    batch_size: int = _f(32, "rollouts (prompts) per PPO iteration (per process)")
+    max_steps: int = _f(100, "PPO iterations")
     mini_batch_size: int = _f(16, "rollouts per PPO minibatch update")
     ppo_epochs: int = _f(4, "passes over each rollout batch")
     beta: float = _f(0.05, "KL penalty coefficient (initial value if adaptive_kl)")
@@ -272,3 +276,61 @@ class PPOConfig(CommonConfig, SamplingConfig, TrainConfig):
               self.missing_eos_penalty)
         check(self.eval_steps >= 0, "eval_steps", ">= 0", self.eval_steps)
         check(self.inspect_steps >= 0, "inspect_steps", ">= 0", self.inspect_steps)
+
+
+@dataclass
+class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
+    """DPO on the preference pairs, policy and frozen reference from SFT (Rafailov et al. 2023)."""
+
+    output_dir: str = _f("runs/default/dpo", "directory this stage writes its artifacts into")
+    sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
+    prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs); train split")
+    reward_dir: str = _f("runs/default/reward", "reward model: proxy reward for evaluation only")
+    beta: float = _f(0.1, "DPO beta: strength of the implicit KL constraint to the reference")
+    loss: str = _f("sigmoid", "sigmoid (DPO, eq. 7) | ipo (Azar et al. 2023, eq. 17)")
+    label_smoothing: float = _f(0.0, "conservative DPO: assumed label-flip rate, in [0, 0.5)")
+    learning_rate: float = _f(1e-3, "AdamW learning rate")
+    batch_size: int = _f(32, "pairs per optimizer step (split over gradient_accumulation_steps)")
+    max_steps: int = _f(150, "optimizer steps")
+    eval_steps: int = _f(25, "held-out gold/proxy evaluation every N steps; 0 = start and end")
+
+    def __post_init__(self) -> None:
+        CommonConfig.__post_init__(self)
+        self._check_sampling()
+        self._check_train()
+        _positive(self, "beta")
+        check(self.loss in ("sigmoid", "ipo"), "loss", "sigmoid or ipo", self.loss)
+        check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)",
+              self.label_smoothing)
+        check(self.loss == "sigmoid" or self.label_smoothing == 0.0, "label_smoothing",
+              "0 with loss ipo", self.label_smoothing)
+        check(self.batch_size % self.gradient_accumulation_steps == 0, "batch_size",
+              f"a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})",
+              self.batch_size)
+        check(self.eval_steps >= 0, "eval_steps", ">= 0", self.eval_steps)
+
+
+@dataclass
+class CompareConfig(CommonConfig, SamplingConfig):
+    """PPO versus DPO against SFT on the same held-out prompts, and a gold-reward/KL frontier."""
+
+    output_dir: str = _f("runs/default/compare", "directory this stage writes its artifacts into")
+    sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the reference every method is measured to")
+    reward_dir: str = _f("runs/default/reward", "reward model: the proxy reward (and PPO's reward)")
+    prefs_dir: str = _f("runs/default/prefs", "preference dataset (DPO's training data in the sweep)")
+    ppo_dir: str = _f("runs/default/ppo", "the main PPO run (rlhf-toy ppo)")
+    dpo_dir: str = _f("runs/default/dpo", "the main DPO run (rlhf-toy dpo)")
+    sweep: bool = _f(True, "train the short PPO and DPO runs of the frontier sweep")
+    ppo_betas: list[float] = _f([0.01, 0.05, 0.2], "KL coefficients of the PPO sweep runs")
+    dpo_betas: list[float] = _f([0.05, 0.1, 0.3], "betas of the DPO sweep runs")
+    sweep_ppo_steps: int = _f(40, "PPO iterations of each sweep run")
+    sweep_dpo_steps: int = _f(100, "DPO optimizer steps of each sweep run")
+
+    def __post_init__(self) -> None:
+        CommonConfig.__post_init__(self)
+        self._check_sampling()
+        _positive(self, "sweep_ppo_steps", "sweep_dpo_steps")
+        for beta in self.ppo_betas:
+            check(beta >= 0, "ppo_betas", "a list of values >= 0", self.ppo_betas)
+        for beta in self.dpo_betas:
+            check(beta > 0, "dpo_betas", "a list of values > 0", self.dpo_betas)
