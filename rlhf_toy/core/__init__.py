@@ -1,27 +1,50 @@
-"""Pure tensor math of RLHF: returns and advantages, KL, losses. No models, no I/O."""
+"""Pure tensor math of RLHF: returns and advantages, KL, losses. No models, no I/O.
 
-from rlhf_toy.core.kl import AdaptiveKLController, FixedKLController, kl_per_token, shape_rewards
+Shapes: B batch, T time (response tokens), V vocabulary; `mask` is 1 on real tokens.
+"""
+
+from rlhf_toy.core.kl import (
+    ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_per_token,
+    shape_rewards,
+)
 from rlhf_toy.core.losses import (
-                              bradley_terry_loss,
-                              dpo_loss,
-                              entropy_from_logits,
-                              ipo_loss,
-                              logprobs_from_logits,
-                              ppo_policy_loss,
-                              ppo_value_loss,
+    bradley_terry_loss,
+    dpo_loss,
+    entropy_from_logits,
+    ipo_loss,
+    logprobs_from_logits,
+    ppo_policy_loss,
+    ppo_value_loss,
 )
 from rlhf_toy.core.returns import (
-                              discounted_returns,
-                              gae,
-                              last_token_index,
-                              masked_mean,
-                              masked_var,
-                              whiten,
+    discounted_returns,
+    gae,
+    last_token_index,
+    masked_mean,
+    masked_var,
+    whiten,
 )
 
 __all__ = [
-    "AdaptiveKLController", "FixedKLController", "bradley_terry_loss", "discounted_returns",
-    "dpo_loss", "entropy_from_logits", "gae", "ipo_loss", "kl_per_token", "last_token_index",
-    "logprobs_from_logits", "masked_mean", "masked_var", "ppo_policy_loss", "ppo_value_loss",
-    "shape_rewards", "whiten",
+    "ESTIMATORS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "bradley_terry_loss",
+    "discounted_returns",
+    "dpo_loss",
+    "entropy_from_logits",
+    "gae",
+    "ipo_loss",
+    "kl_per_token",
+    "last_token_index",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "shape_rewards",
+    "whiten",
 ]

@@ -2,8 +2,9 @@
 
 Shapes: B batch, T response length, V vocabulary.
 
-Losses return a scalar (PPO, Bradley-Terry: already a masked mean) or per-example values
-(DPO family: callers reduce), plus detached statistics as python floats.
+PPO losses return a scalar (a masked mean over every real token of the batch) plus a dict
+of detached statistics as python floats. The DPO family returns per-pair losses (B,) and
+the implicit rewards: callers reduce.
 """
 
 from __future__ import annotations
@@ -11,58 +12,91 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf_toy.core.kl import MAX_LOG_RATIO, kl_per_token
 from rlhf_toy.core.returns import masked_mean
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[tokens] without keeping the (B, T, V) log-softmax around.
+    """log softmax(logits)[tokens] without materialising the (B, T, V) log-softmax.
 
-    Naive equivalent: `torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]`.
+    Naive equivalent (cf. TRL's `selective_log_softmax`):
+
+        torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    Here log p = logit[token] - logsumexp(logits), with the logsumexp taken one batch row
+    at a time in float32 (stable for bf16 logits, and the peak extra memory is one row's
+    (T, V) instead of the whole batch's).
 
     Args:
-        logits: (B, T, V); tokens: (B, T) long.
+        logits: (B, T, V) in any float dtype.
+        tokens: (B, T) long token ids in [0, V).
     Returns:
         (B, T) float32 log-probs.
     """
-    logits = logits.float()
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T, V) -> (B, T)
-    return picked - torch.logsumexp(logits, dim=-1)  # (B, T, V) -> (B, T)
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()  # (B, T, V) -> (B, T)
+    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (B, T)
+    return picked - lse
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) at each position: (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Entropy H = -sum_v p_v log p_v of softmax(logits) at each position.
+
+    Tokens with p = 0 (logit -inf, e.g. after top-k masking) contribute 0, not NaN.
+
+    Args:
+        logits: (B, T, V).
+    Returns:
+        (B, T) entropy in nats, float32.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)  # (B, T, V) -> (B, T)
+
+
+def _check_clip_range(clip_range: float) -> None:
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0 (got {clip_range})")
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                     advantages: torch.Tensor, mask: torch.Tensor,
                     clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
 
         ratio = exp(logprobs - old_logprobs)
         loss  = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
 
+    The log-ratio is clamped to <= 20 before the exp (finite for any log-probs; such a
+    ratio is clipped for A > 0 anyway). Padding is zeroed first, so garbage there gets
+    neither into the loss nor into the gradient.
+
     Args:
         logprobs: (B, T) under the current policy (with grad).
-        old_logprobs, advantages, mask: (B, T) from the rollout.
+        old_logprobs: (B, T) from the rollout policy.
+        advantages: (B, T).
+        mask: (B, T), 1 = real token.
+        clip_range: eps > 0.
     Returns:
-        (loss, stats) with `clip_frac` (fraction of real tokens where the clipped term is
-        the larger one), `approx_kl` (masked mean of (ratio - 1) - log ratio, i.e. k3 of
-        old vs new), `ratio_mean`, `ratio_max`.
+        (loss, stats): loss is a scalar; stats holds python floats:
+        `clip_frac` (fraction of real tokens where the clipped term is strictly the larger,
+        i.e. the gradient is cut), `approx_kl` (masked mean of k3 = (ratio - 1) - log ratio,
+        an estimate of KL(old || new)), `ratio_mean`, `ratio_max`.
     """
-    if clip_range <= 0:
-        raise ValueError(f"clip_range must be > 0 (got {clip_range})")
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio.clamp(max=20.0))
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    _check_clip_range(clip_range)
+    real = mask.bool()
+    zero = torch.zeros_like(logprobs)
+    log_ratio = torch.where(real, logprobs - old_logprobs, zero)  # (B, T), 0 on padding
+    adv = torch.where(real, advantages.to(logprobs.dtype), zero)
+    ratio = torch.exp(log_ratio.clamp(max=MAX_LOG_RATIO))
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
-        real = mask.bool()
+        # k3 with "samples from old": kl_per_token(old, new) uses log r = new - old
+        approx_kl = kl_per_token(zero, log_ratio, "k3")
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).float(), mask).item(),
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask).item(),
+            "approx_kl": masked_mean(approx_kl, mask).item(),
             "ratio_mean": masked_mean(ratio, mask).item(),
             "ratio_max": ratio[real].max().item() if real.any() else 1.0,
         }
@@ -71,81 +105,116 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                    mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss (as in OpenAI baselines' PPO2):
+    """Clipped value loss (as in OpenAI baselines' PPO2 and Ziegler et al.'s lm-human-preferences):
 
-        v_clipped = old + clip(v - old, -eps, eps)
-        loss = 0.5 * masked_mean(max((v - R)^2, (v_clipped - R)^2))
+        v_clipped = old_values + clip(values - old_values, -eps, eps)
+        loss      = 0.5 * masked_mean(max((values - R)^2, (v_clipped - R)^2))
 
     Args:
-        values: (B, T) current critic (with grad); old_values, returns, mask: (B, T).
+        values: (B, T) current critic (with grad).
+        old_values: (B, T) critic at rollout time.
+        returns: (B, T) targets R.
+        mask: (B, T), 1 = real token.
+        clip_range: eps > 0.
     Returns:
-        (loss, stats) with `value_clip_frac` and `value_mean`.
+        (loss, stats): scalar loss; stats `value_clip_frac` (fraction of real tokens where
+        the clipped error is strictly the larger) and `value_mean`.
     """
-    if clip_range <= 0:
-        raise ValueError(f"clip_range must be > 0 (got {clip_range})")
-    v_clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
-    err, err_clipped = (values - returns).pow(2), (v_clipped - returns).pow(2)
+    _check_clip_range(clip_range)
+    real = mask.bool()
+    zero = torch.zeros_like(values)
+    old = torch.where(real, old_values.to(values.dtype), zero)
+    target = torch.where(real, returns.to(values.dtype), zero)
+    v = torch.where(real, values, zero)
+    v_clipped = old + (v - old).clamp(-clip_range, clip_range)
+    err, err_clipped = (v - target).pow(2), (v_clipped - target).pow(2)
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
     with torch.no_grad():
         stats = {"value_clip_frac": masked_mean((err_clipped > err).float(), mask).item(),
-                 "value_mean": masked_mean(values, mask).item()}
+                 "value_mean": masked_mean(v, mask).item()}
     return loss, stats
 
 
 def _check_beta(beta: float) -> None:
-    if beta <= 0:
+    if not beta > 0:
         raise ValueError(f"beta must be > 0 (got {beta})")
+
+
+def _margin_and_rewards(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                        ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+                        beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h = (pi_c - ref_c) - (pi_r - ref_r) and the detached implicit rewards, all (B,)."""
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    return (chosen_logratios - rejected_logratios, beta * chosen_logratios.detach(),
+            beta * rejected_logratios.detach())
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
-             label_smoothing: float = 0.0):
-    """DPO loss (Rafailov et al. 2023, eq. 7), with conservative label smoothing.
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO loss (Rafailov et al. 2023, eq. 7), with conservative label smoothing:
 
-        h = (pi_c - ref_c) - (pi_r - ref_r)
-        loss = -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h)
+        h      = (pi_c - ref_c) - (pi_r - ref_r)
+        losses = -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h)
+
+    With ls = 0 this is TRL's `loss_type="sigmoid"`; with pi = ref every loss is log 2.
 
     Args:
-        *_logps: (B,) log-probs summed over each response's tokens.
-        label_smoothing: probability that a label is flipped, in [0, 0.5).
+        policy_chosen_logps, policy_rejected_logps: (B,) policy log-probs, summed over each
+            response's tokens.
+        ref_chosen_logps, ref_rejected_logps: (B,) the same under the reference model.
+        beta: > 0, the KL coefficient of the implicit reward.
+        label_smoothing: probability that a preference label is flipped, in [0, 0.5).
     Returns:
-        (losses (B,), chosen_rewards (B,), rejected_rewards (B,)) with the implicit rewards
-        beta * (policy - ref), detached.
+        (losses, chosen_rewards, rejected_rewards), each (B,); the implicit rewards
+        beta * (policy - ref) are detached.
     """
     _check_beta(beta)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5) (got {label_smoothing})")
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    h, chosen_rewards, rejected_rewards = _margin_and_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     losses = (-(1.0 - label_smoothing) * F.logsigmoid(beta * h)
               - label_smoothing * F.logsigmoid(-beta * h))
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
 
 
 def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
-             label_smoothing: float = 0.0):
-    """IPO loss (Azar et al. 2023, eq. 17): (h - 1 / (2 beta))^2, h as in `dpo_loss`.
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO loss (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning
+    from Human Preferences", eq. 17, with tau = beta):
 
-    `label_smoothing` is accepted for a common signature and must be 0.
+        losses = (h - 1 / (2 * beta))^2,     h as in `dpo_loss`
+
+    The log-probs are used as given: TRL's `loss_type="ipo"` divides them by the number of
+    response tokens first; pass per-token averages to match it.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps:
+            (B,) as in `dpo_loss`.
+        beta: > 0.
+        label_smoothing: accepted for a signature common with `dpo_loss`; IPO has no label
+            smoothing, so any value other than 0 is a ValueError (not silently ignored).
     Returns:
-        (losses (B,), chosen_rewards (B,), rejected_rewards (B,)).
+        (losses, chosen_rewards, rejected_rewards), each (B,); rewards detached.
     """
     _check_beta(beta)
     if label_smoothing != 0.0:
         raise ValueError(f"label_smoothing must be 0 for ipo_loss (got {label_smoothing})")
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    losses = (h - 1.0 / (2.0 * beta)).pow(2)
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
+    h, chosen_rewards, rejected_rewards = _margin_and_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    return (h - 1.0 / (2.0 * beta)).pow(2), chosen_rewards, rejected_rewards
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
-    """mean(-log sigmoid(chosen - rejected)) (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1).
+    """Reward-model loss: mean(-log sigmoid(chosen - rejected)) (Bradley & Terry 1952;
+    Ouyang et al. 2022, eq. 1).
 
     Args:
-        chosen_scores, rejected_scores: (B,).
+        chosen_scores, rejected_scores: (B,) reward-model scores of each pair.
+    Returns:
+        scalar loss.
     """
     return -F.logsigmoid(chosen_scores - rejected_scores).mean()
