@@ -9,6 +9,8 @@
   action selection, SARSA, Q-learning.
 - policy_gradient.py: tabular softmax policy, REINFORCE estimate, exact gradient.
 - pomdp.py: `TabularPOMDP`, belief updates, the tiger problem, memoryless vs belief.
+- token.py: `TokenMDP` (state = prompt + prefix, action = next token), the exact
+  KL-regularized optimum by a soft Bellman backup, `enumerable_task_mdp`.
 
 Shapes: S states, A actions; a policy is an (S, A) array of probabilities.
 """
@@ -58,6 +60,21 @@ from rlhf_toy.mdp.solve import (
     value_iteration,
 )
 from rlhf_toy.mdp.tabular import GRID_ACTIONS, TabularMDP, chain_mdp, cliff_walking, gridworld
+from rlhf_toy.mdp.token import (
+    BigramReference,
+    SoftSolution,
+    TokenMDP,
+    enumerable_task_mdp,
+    enumerate_responses,
+    kl_divergence,
+    kl_regularized_optimum,
+    kl_regularized_value,
+    sequence_probs,
+    soft_bellman,
+    soft_policy,
+    target_fraction,
+)
+from rlhf_toy.mdp.token import objective as kl_regularized_objective
 
 __all__ = [
     "GRID_ACTIONS", "Evaluation", "GradientEstimate", "MemoryDemo", "Solution", "TDResult",
@@ -69,4 +86,9 @@ __all__ = [
     "policy_dynamics", "policy_evaluation", "policy_iteration", "q_from_v", "q_learning",
     "reinforce_gradient_estimate", "sample_trajectories", "sample_trajectory", "sarsa",
     "softmax_policy", "tiger_belief_controller", "tiger_pomdp", "value_iteration",
+    # token MDP (rlhf_toy.mdp.token; its `objective` is exported as kl_regularized_objective)
+    "BigramReference", "SoftSolution", "TokenMDP", "enumerable_task_mdp",
+    "enumerate_responses", "kl_divergence", "kl_regularized_objective",
+    "kl_regularized_optimum", "kl_regularized_value", "sequence_probs", "soft_bellman",
+    "soft_policy", "target_fraction",
 ]
