@@ -129,7 +129,7 @@ class PrefsConfig(CommonConfig, SamplingConfig):
     """Preference pairs sampled from the SFT policy and labelled by the gold reward."""
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint to sample responses from")
-    n_pairs: int = _f(4000, "preference pairs (train + test)")
+    n_pairs: int = _f(8000, "preference pairs (train + test)")
     test_fraction: float = _f(0.2, "held-out fraction of the pairs")
     label_temperature: float = _f(0.1, "Bradley-Terry label noise: P(a > b) = sigmoid((g_a - g_b) / T)")
 
@@ -147,7 +147,7 @@ class RewardConfig(CommonConfig, TrainConfig):
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint whose backbone initialises the reward model")
     prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs)")
     batch_size: int = _f(64, "preference pairs per optimizer step (per process)")
-    max_steps: int = _f(200, "optimizer steps")
+    max_steps: int = _f(400, "optimizer steps")
     head_init_std: float = _f(0.02, "std of the scalar head's initial weights (small)")
     eval_batch_size: int = _f(256, "pairs per evaluation batch")
 
@@ -286,13 +286,14 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
     prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs); train split")
     reward_dir: str = _f("runs/default/reward", "reward model: proxy reward for evaluation only")
-    beta: float = _f(0.1, "DPO beta: strength of the implicit KL constraint to the reference")
+    beta: float = _f(0.5, "DPO beta: strength of the implicit KL constraint to the reference")
     loss: str = _f("sigmoid", "sigmoid (DPO, eq. 7) | ipo (Azar et al. 2023, eq. 17)")
     label_smoothing: float = _f(0.0, "conservative DPO: assumed label-flip rate, in [0, 0.5)")
-    learning_rate: float = _f(1e-3, "AdamW learning rate")
+    learning_rate: float = _f(1e-3, "AdamW learning rate (peak, with lr_scheduler_type linear)")
+    lr_scheduler_type: str = _f("linear", "linear (decay to 0 at max_steps, as TRL) | constant")
     batch_size: int = _f(32, "pairs per optimizer step (split over gradient_accumulation_steps)")
-    max_steps: int = _f(150, "optimizer steps")
-    eval_steps: int = _f(25, "held-out gold/proxy evaluation every N steps; 0 = start and end")
+    max_steps: int = _f(300, "optimizer steps")
+    eval_steps: int = _f(50, "held-out gold/proxy evaluation every N steps; 0 = start and end")
 
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)
@@ -300,6 +301,8 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
         self._check_train()
         _positive(self, "beta")
         check(self.loss in ("sigmoid", "ipo"), "loss", "sigmoid or ipo", self.loss)
+        check(self.lr_scheduler_type in ("linear", "constant"), "lr_scheduler_type",
+              "linear or constant", self.lr_scheduler_type)
         check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)",
               self.label_smoothing)
         check(self.loss == "sigmoid" or self.label_smoothing == 0.0, "label_smoothing",
@@ -322,9 +325,11 @@ class CompareConfig(CommonConfig, SamplingConfig):
     dpo_dir: str = _f("runs/default/dpo", "the main DPO run (rlhf-toy dpo)")
     sweep: bool = _f(True, "train the short PPO and DPO runs of the frontier sweep")
     ppo_betas: list[float] = _f([0.01, 0.05, 0.2], "KL coefficients of the PPO sweep runs")
-    dpo_betas: list[float] = _f([0.05, 0.1, 0.3], "betas of the DPO sweep runs")
-    sweep_ppo_steps: int = _f(40, "PPO iterations of each sweep run")
-    sweep_dpo_steps: int = _f(100, "DPO optimizer steps of each sweep run")
+    dpo_betas: list[float] = _f([0.1, 0.5, 2.0], "betas of the DPO sweep runs")
+    sweep_ppo_steps: int = _f(100, "PPO iterations of each sweep run (a run identical to the "
+                                   "main one reuses it)")
+    sweep_dpo_steps: int = _f(300, "DPO optimizer steps of each sweep run (a run identical to "
+                                   "the main one reuses it)")
 
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)
