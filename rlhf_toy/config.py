@@ -102,7 +102,11 @@ class TrainConfig:
         _positive(self, "learning_rate", "batch_size", "gradient_accumulation_steps",
                   "max_steps", "max_grad_norm", "logging_steps")
         check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-        check(self.save_steps >= 0, "save_steps", ">= 0", self.save_steps)
+        # periodic checkpoints and resuming are not implemented yet: refuse, never ignore
+        check(self.save_steps == 0, "save_steps", "0 (periodic checkpoints are not "
+              "implemented yet)", self.save_steps)
+        check(not self.resume_from_checkpoint, "resume_from_checkpoint", "empty (resuming is "
+              "not implemented yet)", self.resume_from_checkpoint)
 
 
 @dataclass
@@ -275,7 +279,8 @@ class PPOConfig(CommonConfig, SamplingConfig, TrainConfig):
         check(self.missing_eos_penalty >= 0, "missing_eos_penalty", ">= 0",
               self.missing_eos_penalty)
         check(self.eval_steps >= 0, "eval_steps", ">= 0", self.eval_steps)
-        check(self.inspect_steps >= 0, "inspect_steps", ">= 0", self.inspect_steps)
+        check(self.inspect_steps == 0, "inspect_steps", "0 (per-token dumps during training "
+              "are not implemented yet)", self.inspect_steps)
 
 
 @dataclass
@@ -324,7 +329,7 @@ class CompareConfig(CommonConfig, SamplingConfig):
     ppo_dir: str = _f("runs/default/ppo", "the main PPO run (rlhf-toy ppo)")
     dpo_dir: str = _f("runs/default/dpo", "the main DPO run (rlhf-toy dpo)")
     sweep: bool = _f(True, "train the short PPO and DPO runs of the frontier sweep")
-    ppo_betas: list[float] = _f([0.01, 0.05, 0.2], "KL coefficients of the PPO sweep runs")
+    ppo_betas: list[float] = _f([0.01, 0.05, 0.2, 1.0], "KL coefficients of the PPO sweep runs")
     dpo_betas: list[float] = _f([0.1, 0.5, 2.0], "betas of the DPO sweep runs")
     sweep_ppo_steps: int = _f(100, "PPO iterations of each sweep run (a run identical to the "
                                    "main one reuses it)")

@@ -16,8 +16,8 @@ torch.set_num_threads(2)
 # A minimal configuration of every stage: seconds, not minutes.
 TINY = {
     "sft": ["--max_steps", "120", "--n_train", "1000", "--n_eval", "64", "--n_eval_prompts", "64"],
-    "prefs": ["--n_pairs", "400", "--n_eval_prompts", "64"],
-    "reward": ["--max_steps", "80"],
+    "prefs": ["--n_pairs", "1000", "--n_eval_prompts", "64"],
+    "reward": ["--max_steps", "60", "--batch_size", "32"],
     "ppo": ["--max_steps", "4", "--batch_size", "16", "--mini_batch_size", "8",
             "--n_eval_prompts", "32"],
 }
