@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_toy.core import logprobs_from_logits
 from rlhf_toy.models import response_logits, reward_scores
 from rlhf_toy.rollout import Samples, decode_responses, encode_prompts, sample
 
@@ -52,8 +53,7 @@ def sequence_logprob(model, s: Samples, temperature: float) -> torch.Tensor:
     """Sum over response tokens of log pi(a_t | s_t) under `model`: (B,)."""
     logits = response_logits(model, s.prompt_ids, s.prompt_mask, s.response_ids, s.mask,
                              temperature)
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, s.response_ids[..., None])
-    return (logp.squeeze(-1) * s.mask).sum(-1)  # (B, T) -> (B,)
+    return (logprobs_from_logits(logits, s.response_ids) * s.mask).sum(-1)  # (B, T) -> (B,)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from rlhf_toy.config import UsageError
+from rlhf_toy.core import last_token_index
 
 VALUE_HEAD_FILE = "value_head.pt"
 
@@ -115,7 +116,7 @@ def reward_scores(reward_model: nn.Module, prompt_ids: torch.Tensor, prompt_mask
     inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
     out = reward_model.transformer(**inputs, use_cache=False)
     hidden = out.last_hidden_state  # (B, L, H)
-    last = inputs["attention_mask"].shape[1] - 1 - inputs["attention_mask"].flip(-1).argmax(-1)
+    last = last_token_index(inputs["attention_mask"])  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return reward_model.score(pooled).squeeze(-1)  # (B, 1) -> (B,)
 

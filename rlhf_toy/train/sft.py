@@ -12,6 +12,7 @@ import time
 import torch
 
 from rlhf_toy.config import SFTConfig, UsageError
+from rlhf_toy.core import logprobs_from_logits
 from rlhf_toy.data import select_batch, sft_dataset, tokenize_pairs
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
 from rlhf_toy.models import build_policy, response_logits
@@ -24,9 +25,9 @@ def nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Token-mean negative log-likelihood of the response tokens of a batch."""
     logits = response_logits(model, batch["prompt_ids"], batch["prompt_mask"],
                              batch["response_ids"], batch["response_mask"])  # (B, T, V)
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, batch["response_ids"][..., None])
+    logp = logprobs_from_logits(logits, batch["response_ids"])  # (B, T)
     mask = batch["response_mask"].float()
-    return -(logp.squeeze(-1) * mask).sum() / mask.sum()  # (B, T) -> scalar
+    return -(logp * mask).sum() / mask.sum()  # (B, T) -> scalar
 
 
 def run_sft(cfg: SFTConfig) -> dict:
