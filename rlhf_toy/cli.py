@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 
 from rlhf_toy.config import (
+    CompareConfig,
+    DPOConfig,
     PPOConfig,
     PrefsConfig,
     RewardConfig,
@@ -23,7 +25,9 @@ from rlhf_toy.config import (
 
 def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
     """stage -> (config class, runner, headline keys); imported lazily for a fast --help."""
+    from rlhf_toy.compare import run_compare
     from rlhf_toy.data import run_prefs
+    from rlhf_toy.train.dpo import run_dpo
     from rlhf_toy.train.ppo import run_ppo
     from rlhf_toy.train.reward import run_reward
     from rlhf_toy.train.sft import run_sft
@@ -35,10 +39,16 @@ def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
                                               "wall_s"]),
         "ppo": (PPOConfig, run_ppo, ["gold_reward_before", "gold_reward_after",
                                      "proxy_reward_after", "kl_to_ref", "wall_s"]),
+        "dpo": (DPOConfig, run_dpo, ["gold_reward_before", "gold_reward_after",
+                                     "proxy_reward_after", "kl_to_ref", "eval_accuracy",
+                                     "wall_s"]),
+        "compare": (CompareConfig, run_compare, ["sft_gold_reward", "ppo_gold_reward",
+                                                 "dpo_gold_reward", "ppo_kl_to_ref",
+                                                 "dpo_kl_to_ref", "wall_s"]),
     }
 
 
-PIPELINE = ("sft", "prefs", "reward", "ppo")
+PIPELINE = ("sft", "prefs", "reward", "ppo", "dpo", "compare")
 # which earlier stage directory each input field of a stage points to in a pipeline run
 STAGE_INPUTS = {"sft_dir": "sft", "prefs_dir": "prefs", "reward_dir": "reward",
                 "ppo_dir": "ppo", "dpo_dir": "dpo"}

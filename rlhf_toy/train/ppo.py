@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from rlhf_toy.config import PPOConfig
 from rlhf_toy.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -31,8 +33,6 @@ from rlhf_toy.core import (
     shape_rewards,
     whiten,
 )
-
-from rlhf_toy.config import PPOConfig
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
 from rlhf_toy.models import (
     PolicyWithCritic,

@@ -11,9 +11,9 @@ import os
 import time
 
 import torch
-from rlhf_toy.core import bradley_terry_loss
 
 from rlhf_toy.config import RewardConfig
+from rlhf_toy.core import bradley_terry_loss
 from rlhf_toy.data import gold_accuracy, load_preferences, select_batch, tokenize_pairs
 from rlhf_toy.models import reward_model_from_policy, reward_scores
 from rlhf_toy.tokenizer import load_tokenizer

@@ -1,0 +1,285 @@
+"""Stage `dpo`: Direct Preference Optimization on the preference pairs (Rafailov et al. 2023).
+
+Shapes: N pairs in a split, B pairs in a batch, P prompt length (left-padded),
+T response length (right-padded, EOS included), V vocabulary.
+
+The policy and the frozen reference both start from the SFT checkpoint. A response's
+log-probability is summed over its tokens *including* the EOS that ends it, exactly as
+TRL's `DPOTrainer` does. The reference never changes, so its log-probs are computed once
+before training and cached: a step costs one policy forward over the 2B sequences.
+
+Loss (paper eq. 7), with h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)):
+`-log sigmoid(beta * h)`, mean over pairs (`core.dpo_loss`, or `core.ipo_loss`). The
+implicit reward of a response is `beta * (log pi - log ref)` (section 5).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_toy.config import DPOConfig
+from rlhf_toy.core import dpo_loss, ipo_loss, logprobs_from_logits
+from rlhf_toy.data import load_preferences, select_batch, tokenize_pairs
+from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
+from rlhf_toy.models import freeze, load_policy, load_reward_model, response_logits
+from rlhf_toy.tasks import get_task
+from rlhf_toy.tokenizer import load_tokenizer
+from rlhf_toy.train.common import MetricsLog, batch_indices, progress, start_stage, write_json
+
+EVAL_BATCH_SIZE = 256
+
+
+@dataclass
+class PreferenceTensors:
+    """One split of preference pairs, tokenized once, with cached reference log-probs.
+
+    Attributes:
+        chosen, rejected: tokenized datasets (`data.tokenize_pairs`): `prompt_ids`,
+            `prompt_mask` (N, P) and `response_ids`, `response_mask` (N, T); row i of
+            each is the same pair.
+        ref_chosen, ref_rejected: (N,) reference log-probs summed over response tokens.
+    """
+
+    chosen: dict[str, torch.Tensor]
+    rejected: dict[str, torch.Tensor]
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.chosen["prompt_ids"].shape[0]
+
+
+def concat_pairs(chosen: dict, rejected: dict, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack a chosen and a rejected batch into one (2B, .) batch, chosen rows first.
+
+    Responses are right-padded to the longer width; prompts must have the same width.
+    """
+    t = max(chosen["response_ids"].shape[1], rejected["response_ids"].shape[1])
+    out = {}
+    for key, pad in (("prompt_ids", pad_token_id), ("prompt_mask", 0),
+                     ("response_ids", pad_token_id), ("response_mask", 0)):
+        width = t if key.startswith("response") else chosen[key].shape[1]
+        out[key] = torch.cat([F.pad(x[key], (0, width - x[key].shape[1]), value=pad)
+                              for x in (chosen, rejected)])  # 2 x (B, W) -> (2B, W)
+    return out
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over response tokens (EOS included) of log pi(a_t | s_t): (B,).
+
+    Args:
+        model: a causal LM (`GPT2LMHeadModel`, possibly wrapped by accelerate).
+        batch: `prompt_ids`, `prompt_mask` (B, P), `response_ids`, `response_mask` (B, T).
+    """
+    logits = response_logits(model, batch["prompt_ids"], batch["prompt_mask"],
+                             batch["response_ids"], batch["response_mask"])  # (B, T, V)
+    logprobs = logprobs_from_logits(logits, batch["response_ids"])  # (B, T, V) -> (B, T)
+    return (logprobs * batch["response_mask"].float()).sum(-1)  # (B, T) -> (B,)
+
+
+def pair_logps(model, chosen: dict, rejected: dict,
+               pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the chosen and rejected responses in one forward: (B,), (B,)."""
+    logps = sequence_logps(model, concat_pairs(chosen, rejected, pad_token_id))  # (2B,)
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def precompute_reference_logps(ref_model, chosen: dict, rejected: dict, pad_token_id: int,
+                               batch_size: int = EVAL_BATCH_SIZE):
+    """The frozen reference's summed log-probs of every pair, computed once.
+
+    Args:
+        ref_model: the reference policy (eval mode).
+        chosen, rejected: tokenized datasets of N pairs (`data.tokenize_pairs`).
+    Returns:
+        (ref_chosen (N,), ref_rejected (N,)).
+    """
+    n = chosen["prompt_ids"].shape[0]
+    ref_c, ref_r = [], []
+    for start in range(0, n, batch_size):
+        index = torch.arange(start, min(n, start + batch_size))
+        c, r = pair_logps(ref_model, select_batch(chosen, index), select_batch(rejected, index),
+                          pad_token_id)
+        ref_c.append(c)
+        ref_r.append(r)
+    return torch.cat(ref_c), torch.cat(ref_r)
+
+
+def preference_tensors(split, tokenizer, ref_model, device) -> PreferenceTensors:
+    """Tokenize a split of prompt/chosen/rejected pairs and cache its reference log-probs."""
+    chosen = tokenize_pairs(tokenizer, split["prompt"], split["chosen"], device)
+    rejected = tokenize_pairs(tokenizer, split["prompt"], split["rejected"], device)
+    ref_c, ref_r = precompute_reference_logps(ref_model, chosen, rejected,
+                                              tokenizer.pad_token_id)
+    return PreferenceTensors(chosen, rejected, ref_c, ref_r)
+
+
+def loss_fn(cfg: DPOConfig):
+    """`core.dpo_loss` (with label smoothing) or `core.ipo_loss`, with beta bound."""
+    if cfg.loss == "ipo":
+        return partial(ipo_loss, beta=cfg.beta)
+    return partial(dpo_loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+
+
+def batch_loss(model, data: PreferenceTensors, index: torch.Tensor, loss,
+               pad_token_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean preference loss of pairs `index` and its diagnostics (implicit rewards).
+
+    Returns:
+        (loss (scalar, differentiable), stats): `chosen_rewards`, `rejected_rewards`
+        (batch means), `reward_accuracy` (ties count 1/2), `reward_margin`, `logps_chosen`,
+        `logps_rejected`.
+    """
+    policy_c, policy_r = pair_logps(model, select_batch(data.chosen, index),
+                                    select_batch(data.rejected, index), pad_token_id)
+    index = index.to(data.ref_chosen.device)
+    losses, chosen_rewards, rejected_rewards = loss(policy_c, policy_r, data.ref_chosen[index],
+                                                    data.ref_rejected[index])
+    win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards)
+    stats = {"chosen_rewards": chosen_rewards.mean().item(),
+             "rejected_rewards": rejected_rewards.mean().item(),
+             "reward_accuracy": win.mean().item(),
+             "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
+             "logps_chosen": policy_c.detach().mean().item(),
+             "logps_rejected": policy_r.detach().mean().item()}
+    return losses.mean(), stats
+
+
+@torch.no_grad()
+def evaluate_pairs(model, data: PreferenceTensors, loss, pad_token_id: int,
+                   batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
+    """Held-out loss and implicit-reward pair accuracy (ties count 1/2) over a whole split."""
+    n, total, accuracy = len(data), 0.0, 0.0
+    for start in range(0, n, batch_size):
+        index = torch.arange(start, min(n, start + batch_size))
+        value, stats = batch_loss(model, data, index, loss, pad_token_id)
+        total += value.item() * len(index)
+        accuracy += stats["reward_accuracy"] * len(index)
+    return {"eval_loss": total / n, "eval_accuracy": accuracy / n}
+
+
+def set_learning_rate(optimizer, cfg: DPOConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (1-based): constant, or a linear decay from
+    `learning_rate` to 0 after `max_steps` (the default of TRL's `DPOTrainer`)."""
+    lr = cfg.learning_rate
+    if cfg.lr_scheduler_type == "linear":
+        lr *= 1.0 - (step - 1) / cfg.max_steps
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@dataclass
+class DPOContext:
+    """Everything a DPO run reads besides the policy: frozen models, data, evaluation setup."""
+
+    task: object
+    tokenizer: object
+    ref_model: torch.nn.Module
+    reward_model: torch.nn.Module
+    train: PreferenceTensors
+    test: PreferenceTensors
+    held_out: list[str]
+    sampling: SamplingArgs
+
+
+def build_context(cfg: DPOConfig, acc) -> DPOContext:
+    """Load the frozen reference and reward model, tokenize both splits, cache reference
+    log-probs (under the same autocast as the policy's forward)."""
+    task = get_task(cfg.task)
+    tokenizer = load_tokenizer(cfg.sft_dir)
+    prefs = load_preferences(cfg.prefs_dir)
+    ref_model = freeze(load_policy(cfg.sft_dir)).to(acc.device)
+    reward_model = freeze(load_reward_model(cfg.reward_dir)).to(acc.device)
+    with acc.autocast():
+        train = preference_tensors(prefs["train"], tokenizer, ref_model, acc.device)
+        test = preference_tensors(prefs["test"], tokenizer, ref_model, acc.device)
+    return DPOContext(task, tokenizer, ref_model, reward_model, train, test,
+                      eval_prompts(task, cfg.n_eval_prompts),
+                      SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k))
+
+
+def evaluate(model, ctx: DPOContext, cfg: DPOConfig) -> dict[str, float]:
+    """Held-out gold / proxy reward and KL of sampled responses, and held-out pair metrics."""
+    ev = evaluate_policy(model, ctx.tokenizer, ctx.task, ctx.held_out, ctx.sampling, cfg.seed,
+                         ctx.reward_model, ctx.ref_model)
+    pairs = evaluate_pairs(model, ctx.test, loss_fn(cfg), ctx.tokenizer.pad_token_id)
+    return {"eval_gold": ev["gold_reward"], "eval_proxy": ev["proxy_reward"],
+            "eval_kl": ev["kl_to_ref"], "response_len": ev["response_len"],
+            "eos_frac": ev["eos_frac"], **pairs}
+
+
+def run_dpo(cfg: DPOConfig) -> dict:
+    """Train the SFT policy with DPO on the `prefs` train split; see the module docstring.
+
+    Returns:
+        summary: `gold_reward_before/after`, `proxy_reward_before/after`, `kl_to_ref`,
+        `eval_accuracy` (held-out implicit-reward pair accuracy), `eval_loss`, `wall_s`, ...
+    """
+    acc, t0 = start_stage(cfg, "dpo")
+    ctx = build_context(cfg, acc)
+    model = load_policy(cfg.sft_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+    unwrapped, loss, pad = acc.unwrap_model(model), loss_fn(cfg), ctx.tokenizer.pad_token_id
+    log = MetricsLog(cfg.output_dir, acc.is_main_process)
+    before = evaluate(unwrapped, ctx, cfg)
+    log.write(0, **before)
+    bar = progress(cfg.max_steps, "dpo", acc.is_main_process)
+    gas, micro = cfg.gradient_accumulation_steps, cfg.batch_size // cfg.gradient_accumulation_steps
+    model.train()
+    for step in range(1, cfg.max_steps + 1):
+        set_learning_rate(optimizer, cfg, step)
+        for k in range(gas):
+            # 1. this micro-batch's pairs: a pure function of (seed, step, k, process)
+            draw = ((step - 1) * gas + k) * acc.num_processes + acc.process_index
+            idx = batch_indices(len(ctx.train), micro, draw, cfg.seed)
+            with acc.accumulate(model):
+                # 2. policy log-probs of chosen and rejected, cached reference, DPO loss
+                value, stats = batch_loss(model, ctx.train, idx, loss, pad)
+                # 3. backward, clip, step (accelerate steps once per accumulation cycle)
+                acc.backward(value)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+        # 4. diagnostics, and the held-out gold / proxy reward every eval_steps
+        row = {"loss": value.item(), "learning_rate": optimizer.param_groups[0]["lr"], **stats}
+        if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+            row.update(evaluate(unwrapped, ctx, cfg))
+        if step < cfg.max_steps and (step % cfg.logging_steps == 0 or "eval_gold" in row):
+            log.write(step, **row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{stats['reward_accuracy']:.2f}")
+        bar.update(1)
+    bar.close()
+    after = evaluate(unwrapped, ctx, cfg)
+    return _finish(cfg, acc, unwrapped, ctx, log, (before, after, row), t0)
+
+
+def _finish(cfg: DPOConfig, acc, model, ctx: DPOContext, log: MetricsLog,
+            rows: tuple[dict, dict, dict], t0: float) -> dict:
+    """Write the final metrics row, the checkpoint, the tokenizer and `summary.json`.
+
+    `rows` is (evaluation before training, evaluation after, the last training row)."""
+    before, after, last_row = rows
+    summary = {"gold_reward_before": before["eval_gold"], "gold_reward_after": after["eval_gold"],
+               "proxy_reward_before": before["eval_proxy"],
+               "proxy_reward_after": after["eval_proxy"], "kl_to_ref": after["eval_kl"],
+               "eval_accuracy_before": before["eval_accuracy"],
+               "eval_accuracy": after["eval_accuracy"], "eval_loss": after["eval_loss"],
+               "response_len": after["response_len"], "eos_frac": after["eos_frac"],
+               "train_pairs": len(ctx.train), "wall_s": time.perf_counter() - t0}
+    if acc.is_main_process:
+        log.write(cfg.max_steps, **last_row, **after)
+        model.save_pretrained(cfg.output_dir)
+        ctx.tokenizer.save_pretrained(cfg.output_dir)
+        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    return summary
