@@ -1,0 +1,397 @@
+"""Bridge to the real trainers: PPO and DPO on an enumerable task, against the exact optimum.
+
+Shapes: B batch, P prompt length (1: BOS), T response length, V the GPT's vocabulary
+(specials included), N preference pairs, L = max_len.
+
+The RLHF objective (Rafailov et al. 2023, eq. 3) J(pi) = E_pi[r] - beta KL(pi || pi_ref) has
+the maximizer pi*(y) = pi_ref(y) exp(r(y) / beta) / Z and the value J* = beta log Z (eq. 4).
+On a task small enough to enumerate (`rlhf_toy.mdp.token`), both are exact, and so is
+J(pi) of any GPT policy: its distribution over every complete response is a product of
+next-token probabilities read off one forward pass. Since
+
+    J* - J(pi) = beta KL(pi || pi*)     (exactly, for every pi),
+
+the objective gap and the KL to the optimum are the same number up to beta.
+
+Steps of `run_bridge`:
+1. task: `enumerable_task_mdp` (words a, b, c, ..., a seeded bigram pi_ref); the reward is
+   `reward_scale` times the fraction of the response's tokens equal to the target word.
+2. reference ("SFT"): a tiny GPT-2 fitted by cross-entropy to the task's exact next-token
+   distributions at every prefix (no sampling). The specials other than EOS are masked
+   out of its logits, so its support is exactly the task's responses.
+3. exact MDP: the fitted GPT is pi_ref of both trainers *and* of the exact `TokenMDP`
+   (its float64 next-token probabilities at every prefix), so J* is measured against
+   the very reference the trainers regularize to and the fitting error drops out.
+4. PPO: `collect_rollout` + `ppo_update` from `train/ppo.py`, with the exact reward as
+   the score function in place of a reward model.
+5. DPO: pairs y1, y2 ~ pi_ref, labelled by the exact Bradley-Terry model
+   P(y1 > y2) = sigmoid(r(y1) - r(y2)), trained with `train/dpo.py`'s `batch_loss` at the
+   same beta. With infinitely many such pairs the DPO loss is minimized exactly by pi*
+   (Rafailov et al. 2023, section 4), so what is left is finite-data and optimization error.
+6. exact evaluation of each policy: J(pi), J* - J(pi), KL(pi || pi*), E[r], KL(pi || pi_ref).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from transformers import GPT2LMHeadModel
+
+from rlhf_toy.config import DPOConfig, PPOConfig
+from rlhf_toy.core import dpo_loss
+from rlhf_toy.mdp.token import (
+    TokenMDP,
+    enumerable_task_mdp,
+    enumerate_responses,
+    kl_divergence,
+    kl_regularized_optimum,
+    kl_regularized_value,
+    objective,
+    sequence_probs,
+    target_fraction,
+)
+from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
+from rlhf_toy.rollout import sample
+from rlhf_toy.tokenizer import build_tokenizer
+from rlhf_toy.train.common import batch_indices, make_accelerator
+from rlhf_toy.train.dpo import (
+    PreferenceTensors,
+    batch_loss,
+    loss_fn,
+    precompute_reference_logps,
+    set_learning_rate,
+)
+from rlhf_toy.train.ppo import collect_rollout, ppo_update
+
+Tokens = tuple[int, ...]
+
+
+@dataclass
+class BridgeConfig:
+    """Every knob of the bridge run; the defaults take 10-20 s on a busy two-core CPU."""
+
+    seed: int = 0  # seeds the task's reference table, every model and every draw
+    n_tokens: int = 3  # words a, b, c, ... (plus EOS)
+    max_len: int = 3  # response length limit in tokens, EOS included
+    target: int = 0  # the rewarded word (0 = "a")
+    concentration: float = 1.0  # Dirichlet concentration of the task's bigram rows
+    reward_scale: float = 2.0  # r(y) = reward_scale * fraction of target tokens
+    beta: float = 0.5  # KL coefficient of J, of PPO's penalty and of DPO
+    n_layer: int = 2  # tiny GPT-2
+    n_embd: int = 32
+    n_head: int = 2
+    sft_steps: int = 300  # exact cross-entropy fit of the reference
+    sft_lr: float = 1e-2
+    ppo_steps: int = 30  # PPO iterations
+    ppo_batch_size: int = 64  # rollouts per iteration
+    ppo_mini_batch_size: int = 32
+    ppo_epochs: int = 4
+    ppo_lr: float = 3e-3
+    dpo_pairs: int = 2000  # preference pairs drawn from pi_ref
+    dpo_steps: int = 100  # DPO optimizer steps (linear decay to 0, as TRL)
+    dpo_batch_size: int = 64
+    dpo_lr: float = 3e-3
+    num_threads: int = 1  # torch CPU threads during the run (restored after): tiny models
+    # run fastest on one, and many threads on a busy machine can be 40x slower
+
+
+@dataclass
+class BridgeTask:
+    """The task in the GPT's token ids: the exact MDP is built from it and a GPT policy."""
+
+    tokenizer: object
+    prompt: Tokens  # (BOS,)
+    words: Tokens  # ids of the task's words, in task order
+    eos_id: int
+    max_len: int
+    task_mdp: TokenMDP  # the task in its own ids: words 0..n-1, EOS n; its pi_ref is the SFT target
+    reward_scale: float
+    target_id: int
+
+    def reward(self, response: Tokens) -> float:
+        """r(y) = reward_scale * fraction of y's non-EOS tokens equal to the target word."""
+        return self.reward_scale * target_fraction(response, self.target_id, self.eos_id)
+
+    def to_task_ids(self, state: Tokens) -> Tokens:
+        """GPT state (prompt + words) -> the task's response prefix."""
+        index = {t: i for i, t in enumerate(self.words)}
+        return tuple(index[t] for t in state[len(self.prompt):])
+
+
+def make_task(cfg: BridgeConfig) -> BridgeTask:
+    """Step 1: the enumerable task, and a tokenizer whose words are its tokens."""
+    task_mdp = enumerable_task_mdp(cfg.n_tokens, cfg.max_len, cfg.target, cfg.seed,
+                                   cfg.concentration)
+    tokenizer = build_tokenizer(task_mdp.token_names[:-1])
+    words = tuple(tokenizer.convert_tokens_to_ids(task_mdp.token_names[:-1]))
+    return BridgeTask(tokenizer, (tokenizer.bos_token_id,), words, tokenizer.eos_token_id,
+                      cfg.max_len, task_mdp, cfg.reward_scale, words[cfg.target])
+
+
+def restrict_vocab(model: GPT2LMHeadModel, allowed: list[int]) -> GPT2LMHeadModel:
+    """Push every logit outside `allowed` down by 1e4 (a forward hook on the LM head, kept
+    by `copy.deepcopy`): their probability underflows to exactly 0 even in float64, so
+    sampling, log-probs and losses all see the task's support. Finite, not -inf, so that
+    padding's log-prob times a 0 mask stays 0 instead of NaN."""
+    bias = torch.full((model.config.vocab_size,), -1e4)
+    bias[allowed] = 0.0
+    model.lm_head.register_forward_hook(lambda module, args, out: out + bias.to(out))
+    return model
+
+
+def _prefix_batch(task: BridgeTask) -> tuple[torch.Tensor, list[Tokens]]:
+    """Every word sequence of length L - 1 after the prompt: its positions cover every
+    non-terminal state. Returns (input_ids (N, P + L - 1), the sequences)."""
+    longest = list(itertools.product(task.words, repeat=task.max_len - 1))
+    return torch.tensor([task.prompt + s for s in longest]).reshape(len(longest), -1), longest
+
+
+@torch.no_grad()
+def next_token_table(model: GPT2LMHeadModel, task: BridgeTask) -> dict[Tokens, np.ndarray]:
+    """pi(. | state) of a GPT at every non-terminal state, in float64, from one forward pass.
+
+    Returns:
+        dict state (prompt + word prefix shorter than L) -> (V,) probabilities; a policy for
+        `sequence_probs`.
+    """
+    ids, longest = _prefix_batch(task)
+    p = len(task.prompt)
+    logits = model(input_ids=ids, use_cache=False).logits  # (N, P + L - 1, V)
+    logits = logits[:, p - 1:]  # (N, L, V): row t predicts the token after prefix t
+    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    return {task.prompt + seq[:t]: probs[n, t] for n, seq in enumerate(longest)
+            for t in range(task.max_len)}
+
+
+def response_probs(model: GPT2LMHeadModel, task: BridgeTask, mdp: TokenMDP) -> dict[Tokens, float]:
+    """The GPT's exact distribution over every complete response (prefix-tree enumeration)."""
+    return sequence_probs(mdp, next_token_table(model, task).__getitem__)
+
+
+def exact_mdp(model: GPT2LMHeadModel, task: BridgeTask) -> TokenMDP:
+    """Step 3: the task's TokenMDP with the GPT's next-token probabilities as pi_ref."""
+    names = task.tokenizer.convert_ids_to_tokens(list(range(len(task.tokenizer))))
+    return TokenMDP(len(task.tokenizer), task.eos_id, task.max_len,
+                    next_token_table(model, task).__getitem__, task.reward,
+                    prompt=task.prompt, token_names=names)
+
+
+def fit_reference(task: BridgeTask, cfg: BridgeConfig) -> GPT2LMHeadModel:
+    """Step 2: a tiny GPT-2 fitted to the task's pi_ref by exact cross-entropy.
+
+    The loss is sum over prefixes s of H(pi_task(. | s), pi_gpt(. | s)), each distinct prefix
+    counted once (a prefix of length t sits in n^(L - 1 - t) rows of the batch).
+    """
+    torch.manual_seed(cfg.seed)
+    model = restrict_vocab(build_policy(task.tokenizer, cfg.n_layer, cfg.n_embd, cfg.n_head,
+                                        n_positions=task.max_len + 1),
+                           [*task.words, task.eos_id])
+    ids, longest = _prefix_batch(task)
+    target = np.zeros((len(longest), task.max_len, len(task.tokenizer)))  # (N, L, V)
+    for n, seq in enumerate(longest):
+        for t in range(task.max_len):
+            state = task.prompt + seq[:t]
+            target[n, t, [*task.words, task.eos_id]] = task.task_mdp.ref_next_probs(
+                task.to_task_ids(state))
+    target = torch.tensor(target, dtype=torch.float32)
+    weight = float(cfg.n_tokens) ** -torch.arange(task.max_len - 1, -1, -1.0)  # (L,)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.sft_lr)
+    p = len(task.prompt)
+    for _ in range(cfg.sft_steps):
+        logits = model(input_ids=ids, use_cache=False).logits[:, p - 1:]  # (N, L, V)
+        logp = torch.log_softmax(logits, -1).masked_fill(target == 0, 0.0)  # 0 * -inf -> 0
+        loss = -((target * logp).sum(-1) * weight).sum() / weight.sum() / len(longest)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return freeze(model)
+
+
+def exact_scores(task: BridgeTask, response_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The exact reward of each sampled response: (B, T), (B, T) -> (B,)."""
+    lengths = mask.sum(-1).tolist()
+    return torch.tensor([task.reward(tuple(ids[:n]))
+                         for ids, n in zip(response_ids.tolist(), lengths, strict=True)])
+
+
+def _trainable(reference: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    policy = copy.deepcopy(reference)
+    for param in policy.parameters():
+        param.requires_grad_(True)
+    return policy.train()
+
+
+def train_ppo(reference, task: BridgeTask, cfg: BridgeConfig, track=None) -> GPT2LMHeadModel:
+    """Step 4: `run_ppo`'s loop with the exact reward in place of the reward model.
+
+    `track(policy)` is called after every iteration (e.g. to record the exact gap)."""
+    ppo_cfg = PPOConfig(output_dir="unused", seed=cfg.seed, device="cpu", beta=cfg.beta,
+                        batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
+                        ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_lr,
+                        max_steps=cfg.ppo_steps, max_new_tokens=task.max_len,
+                        missing_eos_penalty=0.0)  # the exact reward already scores cut responses
+    acc = make_accelerator(ppo_cfg)
+    model = PolicyWithValueHead(_trainable(reference))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ppo_cfg.learning_rate,
+                                  weight_decay=ppo_cfg.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+    unwrapped = acc.unwrap_model(model)
+    prompts = [task.tokenizer.bos_token] * ppo_cfg.batch_size
+
+    def score_fn(prompt_ids, prompt_mask, response_ids, mask) -> torch.Tensor:
+        return exact_scores(task, response_ids, mask)  # (B,)
+
+    for it in range(1, ppo_cfg.max_steps + 1):
+        it_seed = cfg.seed * 1_000_003 + it * 7919
+        unwrapped.eval()
+        batch = collect_rollout(unwrapped, reference, None, task.tokenizer, prompts, ppo_cfg,
+                                ppo_cfg.beta, torch.Generator().manual_seed(it_seed),
+                                score_fn=score_fn)
+        model.train()
+        ppo_update(model, optimizer, acc, batch, ppo_cfg, torch.Generator().manual_seed(it_seed))
+        if track is not None:
+            track(unwrapped.policy)
+    return freeze(unwrapped.policy)
+
+
+@torch.no_grad()
+def preference_pairs(reference, task: BridgeTask, cfg: BridgeConfig) -> PreferenceTensors:
+    """Step 5a: N pairs y1, y2 ~ pi_ref; y1 is chosen with probability sigmoid(r1 - r2)."""
+    n, tok = cfg.dpo_pairs, task.tokenizer
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
+    prompt_ids = torch.full((2 * n, len(task.prompt)), task.prompt[0])  # (2N, P)
+    prompt_mask = torch.ones_like(prompt_ids)
+    s = sample(reference, prompt_ids, prompt_mask, task.max_len, tok.eos_token_id,
+               tok.pad_token_id, generator=gen)
+    r = exact_scores(task, s.response_ids, s.mask)  # (2N,)
+    first_wins = torch.rand(n, generator=gen) < torch.sigmoid(r[:n] - r[n:])  # (N,)
+    first = torch.arange(n)
+    chosen_rows = torch.where(first_wins, first, first + n)
+    rejected_rows = torch.where(first_wins, first + n, first)
+
+    def rows(index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"prompt_ids": prompt_ids[index], "prompt_mask": prompt_mask[index],
+                "response_ids": s.response_ids[index], "response_mask": s.mask[index]}
+
+    chosen, rejected = rows(chosen_rows), rows(rejected_rows)
+    ref_c, ref_r = precompute_reference_logps(reference, chosen, rejected, tok.pad_token_id)
+    return PreferenceTensors(chosen, rejected, ref_c, ref_r)
+
+
+def train_dpo(reference, task: BridgeTask, cfg: BridgeConfig, track=None) -> GPT2LMHeadModel:
+    """Step 5b: `run_dpo`'s loop (loss, schedule, batches, clipping) on the exact BT pairs."""
+    dpo_cfg = DPOConfig(output_dir="unused", seed=cfg.seed, device="cpu", beta=cfg.beta,
+                        learning_rate=cfg.dpo_lr, batch_size=cfg.dpo_batch_size,
+                        max_steps=cfg.dpo_steps)
+    data = preference_pairs(reference, task, cfg)
+    model = _trainable(reference)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=dpo_cfg.learning_rate,
+                                  weight_decay=dpo_cfg.weight_decay)
+    loss, pad = loss_fn(dpo_cfg), task.tokenizer.pad_token_id
+    for step in range(1, dpo_cfg.max_steps + 1):
+        set_learning_rate(optimizer, dpo_cfg, step)
+        index = batch_indices(len(data), dpo_cfg.batch_size, step - 1, dpo_cfg.seed)
+        value, _ = batch_loss(model, data, index, loss, pad)
+        optimizer.zero_grad()
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), dpo_cfg.max_grad_norm)
+        optimizer.step()
+        if track is not None:
+            track(model)
+    return freeze(model)
+
+
+def population_dpo_loss(mdp: TokenMDP, probs: dict, beta: float) -> float:
+    """The DPO loss with infinitely many pairs: its expectation over y1, y2 ~ pi_ref with
+    the exact Bradley-Terry label P(y1 > y2) = sigmoid(r(y1) - r(y2)), by enumeration.
+
+    Its minimizer is pi* (Rafailov et al. 2023, section 4): the implicit reward
+    beta log pi / pi_ref then equals r up to a constant, matching every label. log 2 at pi_ref.
+    """
+    ref = enumerate_responses(mdp)
+    ys = list(ref)
+    ref_logp = torch.tensor([math.log(ref[y]) for y in ys], dtype=torch.float64)  # (M,)
+    logp = torch.tensor([math.log(probs[y]) for y in ys], dtype=torch.float64)  # (M,)
+    r = torch.tensor([mdp.score(y) for y in ys], dtype=torch.float64)  # (M,)
+    c, w = torch.meshgrid(torch.arange(len(ys)), torch.arange(len(ys)), indexing="ij")  # (M, M)
+    losses, _, _ = dpo_loss(logp[c], logp[w], ref_logp[c], ref_logp[w], beta)  # y_c beats y_w
+    weight = ref_logp[c].exp() * ref_logp[w].exp() * torch.sigmoid(r[c] - r[w])  # (M, M)
+    # a draw (y1, y2) is labelled either way round, so each ordered (c, w) stands for two
+    # draws: E = sum_{y1, y2} ref ref [s12 l(y1, y2) + s21 l(y2, y1)] = 2 sum_{c, w} weight l
+    return float(2.0 * (weight * losses).sum())
+
+
+def exact_metrics(mdp: TokenMDP, probs: dict, beta: float, pi_star: dict,
+                  j_star: float) -> dict[str, float]:
+    """Step 6: a policy's exact J, gap, KLs, expected reward and population DPO loss."""
+    j = objective(mdp, probs, beta)
+    return {"J": j, "gap": j_star - j, "kl_to_optimum": kl_divergence(probs, pi_star),
+            "kl_from_optimum": kl_divergence(pi_star, probs),
+            "expected_reward": float(sum(p * mdp.score(y) for y, p in probs.items())),
+            "kl_to_ref": kl_divergence(probs, enumerate_responses(mdp)),
+            "dpo_population_loss": population_dpo_loss(mdp, probs, beta),
+            "total_prob": float(sum(probs.values()))}
+
+
+def run_bridge(cfg: BridgeConfig | None = None) -> dict:
+    """Steps 1-6; returns the exact numbers of the reference, PPO, DPO and the optimum.
+
+    Returns:
+        dict with `config`, `j_star`, `n_responses`, `policies` (name -> `exact_metrics`),
+        `curves` (name -> exact gap after each step) and `wall_s` (name -> seconds).
+    """
+    cfg = cfg or BridgeConfig()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: BridgeConfig) -> dict:
+    wall, t0 = {}, time.perf_counter()
+    task = make_task(cfg)
+    reference = fit_reference(task, cfg)
+    mdp = exact_mdp(reference, task)
+    pi_star, j_star = kl_regularized_optimum(mdp, cfg.beta), kl_regularized_value(mdp, cfg.beta)
+    wall["reference"] = time.perf_counter() - t0
+
+    def gap(model) -> float:
+        return j_star - objective(mdp, response_probs(model, task, mdp), cfg.beta)
+
+    curves = {"ppo": [], "dpo": []}
+    trained = {"reference": reference}
+    for name, train in (("ppo", train_ppo), ("dpo", train_dpo)):
+        t0 = time.perf_counter()
+        trained[name] = train(reference, task, cfg,
+                              track=lambda model, curve=curves[name]: curve.append(gap(model)))
+        wall[name] = time.perf_counter() - t0
+    policies = {name: exact_metrics(mdp, response_probs(model, task, mdp), cfg.beta, pi_star,
+                                    j_star)
+                for name, model in trained.items()}
+    policies["optimum"] = exact_metrics(mdp, pi_star, cfg.beta, pi_star, j_star)
+    return {"config": asdict(cfg), "j_star": j_star, "n_responses": len(pi_star),
+            "policies": policies, "curves": curves, "wall_s": wall}
+
+
+COLUMNS = (("J", "J(pi)"), ("gap", "J* - J(pi)"), ("kl_to_optimum", "KL(pi||pi*)"),
+           ("expected_reward", "E[r]"), ("kl_to_ref", "KL(pi||pi_ref)"))
+
+
+def format_table(result: dict) -> str:
+    """The policies of a `run_bridge` result as a fixed-width text table."""
+    lines = [f"{'method':<10}" + "".join(f"{title:>16}" for _, title in COLUMNS)]
+    for name, row in result["policies"].items():
+        # round(., 4) + 0.0 prints a rounding-level -1e-17 as 0.0000, not -0.0000
+        lines.append(f"{name:<10}" + "".join(f"{round(row[key], 4) + 0.0:>16.4f}"
+                                             for key, _ in COLUMNS))
+    lines.append(f"J* = {result['j_star']:.4f}  (beta = {result['config']['beta']}, "
+                 f"{result['n_responses']} responses; J* - J(pi) = beta KL(pi||pi*))")
+    return "\n".join(lines)
