@@ -32,6 +32,8 @@ def build_policy(tokenizer, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
         n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        # GPT-2's tanh GELU as one fused op (the default "gelu_new" is eight small ones)
+        activation_function="gelu_pytorch_tanh",
     )
     return GPT2LMHeadModel(config)
 
@@ -101,9 +103,17 @@ def response_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
         logits: (B, T, V), `logits[:, t]` predicts `response_ids[:, t]`.
         hidden: (B, T, H) final hidden states at the same positions (if `return_hidden`).
     """
+    from rlhf_toy.rollout import attention_mask_4d, lean_gpt2_hidden, lean_gpt2_supported
+
     inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
-    out = model(**inputs, output_hidden_states=return_hidden, use_cache=False)
     p, t = prompt_ids.shape[1], response_ids.shape[1]
+    if lean_gpt2_supported(model):  # the same numbers without transformers' per-call overhead
+        mask = attention_mask_4d(inputs["attention_mask"], 0, p + t)  # (B, 1, L, L)
+        hidden = lean_gpt2_hidden(model, inputs["input_ids"], inputs["position_ids"], mask)
+        hidden = hidden[:, p - 1: p + t - 1]  # (B, L, H) -> (B, T, H)
+        logits = model.lm_head(hidden) / temperature  # (B, T, V)
+        return (logits, hidden) if return_hidden else logits
+    out = model(**inputs, output_hidden_states=return_hidden, use_cache=False)
     logits = out.logits[:, p - 1: p + t - 1] / temperature  # (B, L, V) -> (B, T, V)
     if not return_hidden:
         return logits

@@ -16,6 +16,9 @@ from rlhf_toy.core.kl import MAX_LOG_RATIO, kl_per_token
 from rlhf_toy.core.returns import masked_mean
 
 
+LSE_CHUNK = 1 << 24  # elements of logits converted to float32 at a time (64 MiB)
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[tokens] without materialising the (B, T, V) log-softmax.
 
@@ -23,9 +26,9 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 
         torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
-    Here log p = logit[token] - logsumexp(logits), with the logsumexp taken one batch row
-    at a time in float32 (stable for bf16 logits, and the peak extra memory is one row's
-    (T, V) instead of the whole batch's).
+    Here log p = logit[token] - logsumexp(logits), with the logsumexp taken in float32
+    (stable for bf16 logits) over chunks of rows of at most `LSE_CHUNK` elements: one
+    vectorized call for the small vocabularies here, bounded extra memory for large ones.
 
     Args:
         logits: (B, T, V) in any float dtype.
@@ -34,7 +37,9 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
         (B, T) float32 log-probs.
     """
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()  # (B, T, V) -> (B, T)
-    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (B, T)
+    rows = max(1, LSE_CHUNK // max(1, logits.shape[1] * logits.shape[2]))
+    lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1)
+                     for chunk in logits.split(rows)])  # (B, T)
     return picked - lse
 
 
