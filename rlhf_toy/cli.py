@@ -14,6 +14,7 @@ from collections.abc import Callable
 from rlhf_toy.config import (
     CompareConfig,
     DPOConfig,
+    NonFiniteError,
     PPOConfig,
     PrefsConfig,
     RewardConfig,
@@ -27,6 +28,7 @@ def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
     """stage -> (config class, runner, headline keys); imported lazily for a fast --help."""
     from rlhf_toy.compare import run_compare
     from rlhf_toy.data import run_prefs
+    from rlhf_toy.inspect import InspectConfig, run_inspect
     from rlhf_toy.train.dpo import run_dpo
     from rlhf_toy.train.ppo import run_ppo
     from rlhf_toy.train.reward import run_reward
@@ -45,6 +47,7 @@ def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
         "compare": (CompareConfig, run_compare, ["sft_gold_reward", "ppo_gold_reward",
                                                  "dpo_gold_reward", "ppo_kl_to_ref",
                                                  "dpo_kl_to_ref", "wall_s"]),
+        "inspect": (InspectConfig, run_inspect, ["stage", "samples", "score", "gold", "kl"]),
     }
 
 
@@ -109,7 +112,7 @@ def _print_line(stage: str, summary: dict, keys: list[str]) -> None:
 
 
 USAGE = ("usage: rlhf-toy STAGE [--config FILE] [--key value ...]\n"
-         f"stages: {', '.join(PIPELINE)}, pipeline, tasks\n"
+         f"stages: {', '.join(PIPELINE)}, inspect, pipeline, tasks\n"
          "`rlhf-toy STAGE --help` lists a stage's keys.")
 
 
@@ -139,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"rlhf-toy: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:  # a numerical fault, not bad input: exit 1, still one line
+        print(f"rlhf-toy: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rlhf-toy: interrupted", file=sys.stderr)
         return 130

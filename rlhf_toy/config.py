@@ -24,6 +24,11 @@ class UsageError(ValueError):
     """Bad input from the user: a config value, a path, a dataset. One line, exit code 2."""
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or inf (loss, logits, values, advantages). One line naming the
+    quantity and the step, exit code 1; the last good state is on disk."""
+
+
 def _f(default: Any, help: str) -> Any:
     """A dataclass field with a default and a help string (shown by `--help`)."""
     if isinstance(default, list):
@@ -95,18 +100,16 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     logging_steps: int = _f(10, "write a metrics.jsonl row every N steps")
-    save_steps: int = _f(0, "write a resumable checkpoint every N steps; 0 = only at the end")
-    resume_from_checkpoint: str = _f("", "PATH of a checkpoint, or 'latest' in output_dir")
+    save_steps: int = _f(0, "write a resumable checkpoint-N/ every N steps; 0 = only the "
+                            "final model")
+    resume_from_checkpoint: str = _f("", "PATH of a checkpoint-N/ directory, or 'latest' in "
+                                         "output_dir; empty = start fresh")
 
     def _check_train(self) -> None:
         _positive(self, "learning_rate", "batch_size", "gradient_accumulation_steps",
                   "max_steps", "max_grad_norm", "logging_steps")
         check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-        # periodic checkpoints and resuming are not implemented yet: refuse, never ignore
-        check(self.save_steps == 0, "save_steps", "0 (periodic checkpoints are not "
-              "implemented yet)", self.save_steps)
-        check(not self.resume_from_checkpoint, "resume_from_checkpoint", "empty (resuming is "
-              "not implemented yet)", self.resume_from_checkpoint)
+        check(self.save_steps >= 0, "save_steps", ">= 0", self.save_steps)
 
 
 @dataclass
@@ -154,6 +157,8 @@ class RewardConfig(CommonConfig, TrainConfig):
     max_steps: int = _f(400, "optimizer steps")
     head_init_std: float = _f(0.02, "std of the scalar head's initial weights (small)")
     eval_batch_size: int = _f(256, "pairs per evaluation batch")
+    truncate_prompts: bool = _f(False, "prompts too long for the context: false = error, "
+                                       "true = keep their last tokens and warn how many")
 
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)
@@ -279,8 +284,7 @@ class PPOConfig(CommonConfig, SamplingConfig, TrainConfig):
         check(self.missing_eos_penalty >= 0, "missing_eos_penalty", ">= 0",
               self.missing_eos_penalty)
         check(self.eval_steps >= 0, "eval_steps", ">= 0", self.eval_steps)
-        check(self.inspect_steps == 0, "inspect_steps", "0 (per-token dumps during training "
-              "are not implemented yet)", self.inspect_steps)
+        check(self.inspect_steps >= 0, "inspect_steps", ">= 0", self.inspect_steps)
 
 
 @dataclass
@@ -299,6 +303,8 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
     batch_size: int = _f(32, "pairs per optimizer step (split over gradient_accumulation_steps)")
     max_steps: int = _f(300, "optimizer steps")
     eval_steps: int = _f(50, "held-out gold/proxy evaluation every N steps; 0 = start and end")
+    truncate_prompts: bool = _f(False, "prompts too long for the context: false = error, "
+                                       "true = keep their last tokens and warn how many")
 
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)

@@ -78,6 +78,8 @@ def load_preferences(path: str) -> DatasetDict:
         data = load_from_disk(path)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"prefs_dir {path!r} holds no datasets dataset ({exc})") from None
+    except IndexError:  # `datasets` writes no shard for an empty split, then cannot load it
+        raise UsageError(f"preference dataset {path!r} has an empty split") from None
     if not isinstance(data, DatasetDict) or not {"train", "test"} <= set(data):
         raise UsageError(f"preference dataset {path!r} must have 'train' and 'test' splits")
     for split in ("train", "test"):

@@ -14,9 +14,12 @@ from hypothesis import strategies as st
 from rlhf_toy.core import (
     discounted_returns,
     dpo_loss,
+    entropy_from_logits,
     gae,
+    ipo_loss,
     kl_per_token,
     last_token_index,
+    logprobs_from_logits,
     masked_mean,
     masked_var,
     ppo_policy_loss,
@@ -221,3 +224,48 @@ def test_whiten_of_a_constant_is_finite(batch, c):
     x = torch.full(batch.mask.shape, c)
     for shift in (True, False):
         assert torch.isfinite(whiten(x, batch.mask, shift_mean=shift)).all()
+
+
+@FAST
+@given(batches(), st.integers(2, 6))
+def test_logprobs_and_entropy_ignore_padding_logits(batch, vocab):
+    """Garbage logits (huge, inf, NaN) at padded positions change nothing at real positions,
+    nor the masked mean the PPO loss takes of the entropy."""
+    m = batch.mask
+    logits = torch.randn((*m.shape, vocab), generator=batch.gen, dtype=torch.float64)
+    tokens = torch.randint(0, vocab, m.shape, generator=batch.gen)
+    bad = torch.where(m[..., None], logits, corrupt(torch.zeros(m.shape, dtype=torch.float64),
+                                                    batch)[..., None].expand_as(logits))
+    same_on_real(logprobs_from_logits(bad, tokens), logprobs_from_logits(logits, tokens), m)
+    same_on_real(entropy_from_logits(bad), entropy_from_logits(logits), m)
+    torch.testing.assert_close(masked_mean(entropy_from_logits(bad), m),
+                               masked_mean(entropy_from_logits(logits), m))
+
+
+@FAST
+@given(st.lists(st.tuples(*[st.floats(-1e4, 0.0)] * 4), min_size=1, max_size=8),
+       st.floats(0.01, 10.0))
+def test_ipo_loss_finite_for_extreme_logprobs(rows, beta):
+    pc, pr, rc, rr = torch.tensor(rows).T  # (B, 4) -> 4 x (B,)
+    pc.requires_grad_()
+    losses, c_rew, r_rew = ipo_loss(pc, pr, rc, rr, beta)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(pc.grad).all()
+    assert torch.isfinite(c_rew).all() and torch.isfinite(r_rew).all()
+
+
+@FAST
+@given(batches(), st.sampled_from(["k1", "k2", "k3"]), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_rewards_to_whitened_advantages_finite_for_extreme_logprobs(batch, estimator, gamma,
+                                                                    lam):
+    """The PPO chain (shape_rewards -> gae -> whiten) stays finite in float32 for log-probs
+    anywhere in [-1e4, 0], including a policy and reference that disagree completely."""
+    m = batch.mask
+    u = torch.rand((2, *m.shape), generator=batch.gen)
+    logprobs, ref_logprobs = (-1e4 * u[0]).float(), (-1e4 * u[1]).float()  # (B, T) each
+    scores = torch.randn(m.shape[0], generator=batch.gen)
+    rewards = shape_rewards(scores, logprobs, ref_logprobs, m.float(), 0.1, estimator)
+    dones = F.one_hot(last_token_index(m), m.shape[1]).float() * m  # (B,) -> (B, T)
+    advantages, returns = gae(rewards, torch.zeros_like(rewards), dones, gamma, lam, mask=m)
+    for x in (rewards, advantages, returns, whiten(advantages, m)):
+        assert torch.isfinite(x).all()

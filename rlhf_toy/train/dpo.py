@@ -22,6 +22,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 
 from rlhf_toy.config import DPOConfig
 from rlhf_toy.core import dpo_loss, ipo_loss, logprobs_from_logits
@@ -30,7 +31,18 @@ from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
 from rlhf_toy.models import freeze, load_policy, load_reward_model, response_logits
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
-from rlhf_toy.train.common import MetricsLog, batch_indices, progress, start_stage, write_json
+from rlhf_toy.train.common import (
+    Checkpointer,
+    MetricsLog,
+    batch_indices,
+    check_context,
+    check_vocab,
+    first_non_finite,
+    fit_pairs_to_context,
+    progress,
+    start_stage,
+    write_json,
+)
 
 EVAL_BATCH_SIZE = 256
 
@@ -112,10 +124,16 @@ def precompute_reference_logps(ref_model, chosen: dict, rejected: dict, pad_toke
     return torch.cat(ref_c), torch.cat(ref_r)
 
 
-def preference_tensors(split, tokenizer, ref_model, device) -> PreferenceTensors:
-    """Tokenize a split of prompt/chosen/rejected pairs and cache its reference log-probs."""
+def preference_tensors(split, tokenizer, ref_model, device, truncate_prompts: bool = False,
+                       what: str = "the preference pairs") -> PreferenceTensors:
+    """Tokenize a split of prompt/chosen/rejected pairs and cache its reference log-probs.
+
+    Pairs longer than the reference's context are an error, or with `truncate_prompts`
+    keep their prompts' last tokens (`common.fit_pairs_to_context`)."""
     chosen = tokenize_pairs(tokenizer, split["prompt"], split["chosen"], device)
     rejected = tokenize_pairs(tokenizer, split["prompt"], split["rejected"], device)
+    chosen, rejected = fit_pairs_to_context(chosen, rejected, ref_model.config.n_positions,
+                                            tokenizer.pad_token_id, truncate_prompts, what)
     ref_c, ref_r = precompute_reference_logps(ref_model, chosen, rejected,
                                               tokenizer.pad_token_id)
     return PreferenceTensors(chosen, rejected, ref_c, ref_r)
@@ -194,13 +212,16 @@ def build_context(cfg: DPOConfig, acc) -> DPOContext:
     """Load the frozen reference and reward model, tokenize both splits, cache reference
     log-probs (under the same autocast as the policy's forward)."""
     task = get_task(cfg.task)
-    tokenizer = load_tokenizer(cfg.sft_dir)
+    check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
     prefs = load_preferences(cfg.prefs_dir)
     ref_model = freeze(load_policy(cfg.sft_dir)).to(acc.device)
     reward_model = freeze(load_reward_model(cfg.reward_dir)).to(acc.device)
+    tokenizer = load_tokenizer(cfg.sft_dir)
+    check_vocab(tokenizer, cfg.sft_dir, ref_model, reward_model)
     with acc.autocast():
-        train = preference_tensors(prefs["train"], tokenizer, ref_model, acc.device)
-        test = preference_tensors(prefs["test"], tokenizer, ref_model, acc.device)
+        train, test = (preference_tensors(prefs[split], tokenizer, ref_model, acc.device,
+                                          cfg.truncate_prompts, f"{cfg.prefs_dir} ({split})")
+                       for split in ("train", "test"))
     return DPOContext(task, tokenizer, ref_model, reward_model, train, test,
                       eval_prompts(task, cfg.n_eval_prompts),
                       SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k))
@@ -227,16 +248,29 @@ def run_dpo(cfg: DPOConfig) -> dict:
     ctx = build_context(cfg, acc)
     model = load_policy(cfg.sft_dir)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay,
+                                  # one fused kernel per step (FSDP keeps foreach)
+                                  fused=acc.distributed_type != DistributedType.FSDP)
     model, optimizer = acc.prepare(model, optimizer)
     unwrapped, loss, pad = acc.unwrap_model(model), loss_fn(cfg), ctx.tokenizer.pad_token_id
-    log = MetricsLog(cfg.output_dir, acc.is_main_process)
-    before = evaluate(unwrapped, ctx, cfg)
-    log.write(0, **before)
+    ckpt = Checkpointer(cfg, "dpo", acc, unwrapped, optimizer)
+    resumed = ckpt.resume()  # the schedule needs no state: the learning rate is f(step)
+    log = MetricsLog(cfg.output_dir, acc.is_main_process,
+                     keep_until_step=resumed["step"] if resumed else None)
+    if resumed:
+        before, row, start = resumed["before"], resumed["row"], resumed["step"]
+    else:
+        before, row, start = evaluate(unwrapped, ctx, cfg), {}, 0
+        log.write(0, **before)
+
+    def state() -> dict:  # what a checkpoint holds besides weights, optimizer and RNG
+        return {"before": before, "row": row}
+
     bar = progress(cfg.max_steps, "dpo", acc.is_main_process)
+    bar.update(start)
     gas, micro = cfg.gradient_accumulation_steps, cfg.batch_size // cfg.gradient_accumulation_steps
     model.train()
-    for step in range(1, cfg.max_steps + 1):
+    for step in range(start + 1, cfg.max_steps + 1):
         set_learning_rate(optimizer, cfg, step)
         for k in range(gas):
             # 1. this micro-batch's pairs: a pure function of (seed, step, k, process)
@@ -247,8 +281,12 @@ def run_dpo(cfg: DPOConfig) -> dict:
                 value, stats = batch_loss(model, ctx.train, idx, loss, pad)
                 # 3. backward, clip, step (accelerate steps once per accumulation cycle)
                 acc.backward(value)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = (acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                             if acc.sync_gradients else None)
+                # before the step (and before any step of this one): save the state after step - 1
+                bad = first_non_finite(loss=value, grad_norm=grad_norm)
+                if bad:
+                    raise ckpt.fail(bad, step, state)
                 optimizer.step()
                 optimizer.zero_grad()
         # 4. diagnostics, and the held-out gold / proxy reward every eval_steps
@@ -257,6 +295,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
             row.update(evaluate(unwrapped, ctx, cfg))
         if step < cfg.max_steps and (step % cfg.logging_steps == 0 or "eval_gold" in row):
             log.write(step, **row)
+        ckpt.maybe_save(step, state)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{stats['reward_accuracy']:.2f}")
         bar.update(1)
     bar.close()

@@ -17,13 +17,29 @@ from rlhf_toy.core import bradley_terry_loss
 from rlhf_toy.data import gold_accuracy, load_preferences, select_batch, tokenize_pairs
 from rlhf_toy.models import reward_model_from_policy, reward_scores
 from rlhf_toy.tokenizer import load_tokenizer
-from rlhf_toy.train.common import MetricsLog, batch_indices, progress, start_stage, write_json
+from rlhf_toy.train.common import (
+    Checkpointer,
+    MetricsLog,
+    batch_indices,
+    check_vocab,
+    first_non_finite,
+    fit_pairs_to_context,
+    progress,
+    start_stage,
+    write_json,
+)
 
 
-def tokenize_preferences(tokenizer, split, device) -> tuple[dict, dict]:
-    """(chosen, rejected) tokenized datasets of one split, row i of each the same pair."""
+def tokenize_preferences(tokenizer, split, device, n_positions: int | None = None,
+                         truncate_prompts: bool = False,
+                         what: str = "the preference pairs") -> tuple[dict, dict]:
+    """(chosen, rejected) tokenized datasets of one split, row i of each the same pair;
+    with `n_positions`, fitted to the context (`common.fit_pairs_to_context`)."""
     chosen = tokenize_pairs(tokenizer, split["prompt"], split["chosen"], device)
     rejected = tokenize_pairs(tokenizer, split["prompt"], split["rejected"], device)
+    if n_positions is not None:
+        chosen, rejected = fit_pairs_to_context(chosen, rejected, n_positions,
+                                                tokenizer.pad_token_id, truncate_prompts, what)
     return chosen, rejected
 
 
@@ -55,17 +71,25 @@ def run_reward(cfg: RewardConfig) -> dict:
     prefs = load_preferences(cfg.prefs_dir)
     tokenizer = load_tokenizer(cfg.sft_dir)
     model = reward_model_from_policy(cfg.sft_dir, cfg.head_init_std)
-    train_c, train_r = tokenize_preferences(tokenizer, prefs["train"], acc.device)
-    test_c, test_r = tokenize_preferences(tokenizer, prefs["test"], acc.device)
+    check_vocab(tokenizer, cfg.sft_dir, model)
+    fit = {"n_positions": model.config.n_positions, "truncate_prompts": cfg.truncate_prompts}
+    train_c, train_r = tokenize_preferences(tokenizer, prefs["train"], acc.device, **fit,
+                                            what=f"{cfg.prefs_dir} (train)")
+    test_c, test_r = tokenize_preferences(tokenizer, prefs["test"], acc.device, **fit,
+                                          what=f"{cfg.prefs_dir} (test)")
     n_train = len(prefs["train"])
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    log = MetricsLog(cfg.output_dir, acc.is_main_process)
+    ckpt = Checkpointer(cfg, "reward", acc, acc.unwrap_model(model), optimizer)
+    start = resumed["step"] if (resumed := ckpt.resume()) else 0
+    log = MetricsLog(cfg.output_dir, acc.is_main_process,
+                     keep_until_step=start if resumed else None)
     bar = progress(cfg.max_steps, "reward", acc.is_main_process)
+    bar.update(start)
     model.train()
-    for step in range(1, cfg.max_steps + 1):
+    for step in range(start + 1, cfg.max_steps + 1):
         for micro in range(cfg.gradient_accumulation_steps):
             idx = batch_indices(n_train, cfg.batch_size,
                                 (step - 1) * cfg.gradient_accumulation_steps + micro, cfg.seed)
@@ -78,9 +102,14 @@ def run_reward(cfg: RewardConfig) -> dict:
                 optimizer.step()
                 optimizer.zero_grad()
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            # checked where the loss is read anyway (no extra sync): the fault is caught at
+            # the next logging step, and the last periodic checkpoint is the good state
+            if first_non_finite(loss=loss):
+                raise ckpt.fail("loss", step)
             train_acc = float((sc > sr).float().mean())
             log.write(step, loss=loss.item(), accuracy=train_acc)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{train_acc:.2f}")
+        ckpt.maybe_save(step, dict)
         bar.update(1)
     bar.close()
 

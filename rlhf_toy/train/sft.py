@@ -18,7 +18,15 @@ from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
 from rlhf_toy.models import build_policy, response_logits
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
-from rlhf_toy.train.common import MetricsLog, batch_indices, progress, start_stage, write_json
+from rlhf_toy.train.common import (
+    Checkpointer,
+    MetricsLog,
+    batch_indices,
+    first_non_finite,
+    progress,
+    start_stage,
+    write_json,
+)
 
 
 def nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -49,12 +57,16 @@ def run_sft(cfg: SFTConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    log = MetricsLog(cfg.output_dir, acc.is_main_process)
+    ckpt = Checkpointer(cfg, "sft", acc, acc.unwrap_model(model), optimizer)
+    start = resumed["step"] if (resumed := ckpt.resume()) else 0
+    log = MetricsLog(cfg.output_dir, acc.is_main_process,
+                     keep_until_step=start if resumed else None)
     bar = progress(cfg.max_steps, "sft", acc.is_main_process)
+    bar.update(start)
 
     # 2. next-token training on responses
     model.train()
-    for step in range(1, cfg.max_steps + 1):
+    for step in range(start + 1, cfg.max_steps + 1):
         for micro in range(cfg.gradient_accumulation_steps):
             idx = batch_indices(cfg.n_train, cfg.batch_size,
                                 (step - 1) * cfg.gradient_accumulation_steps + micro, cfg.seed)
@@ -66,8 +78,13 @@ def run_sft(cfg: SFTConfig) -> dict:
                 optimizer.step()
                 optimizer.zero_grad()
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            # checked where the loss is read anyway (no extra sync): the fault is caught at
+            # the next logging step, and the last periodic checkpoint is the good state
+            if first_non_finite(loss=loss):
+                raise ckpt.fail("loss", step)
             log.write(step, loss=loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        ckpt.maybe_save(step, dict)
         bar.update(1)
     bar.close()
 

@@ -1,0 +1,250 @@
+"""The bad-input table: every case exits with code 2 and one stderr line naming the field
+(or path) and what is allowed, never a traceback. Non-finite training values stop the run
+with code 1 after saving the last good state; unusual PPO diagnostics warn once."""
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import run_stage
+from test_reliability_resume import small_prefs
+
+from rlhf_toy.cli import main
+from rlhf_toy.config import NonFiniteError
+from rlhf_toy.train import dpo as dpo_module
+from rlhf_toy.train import ppo as ppo_module
+from rlhf_toy.train.common import fit_pairs_to_context, list_checkpoints
+
+# (argv, the message the one line must contain): values checked before anything is loaded
+CONFIG_CASES = [
+    (["ppo", "--beta", "-0.1"], "beta must be >= 0 (got -0.1)"),
+    (["dpo", "--beta", "0"], "beta must be > 0 (got 0.0)"),
+    (["ppo", "--clip_range", "0"], "clip_range must be > 0 (got 0.0)"),
+    (["ppo", "--clip_range", "-0.2"], "clip_range must be > 0"),
+    (["ppo", "--gamma", "1.01"], "gamma must be in [0, 1] (got 1.01)"),
+    (["ppo", "--gamma", "-0.5"], "gamma must be in [0, 1]"),
+    (["ppo", "--lam", "2"], "lam must be in [0, 1] (got 2.0)"),
+    (["ppo", "--lam", "-0.1"], "lam must be in [0, 1]"),
+    (["ppo", "--batch_size", "0"], "batch_size must be > 0 (got 0)"),
+    (["dpo", "--batch_size", "-4"], "batch_size must be > 0"),
+    (["sft", "--batch_size", "0"], "batch_size must be > 0"),
+    (["reward", "--eval_batch_size", "0"], "eval_batch_size must be > 0"),
+    (["ppo", "--mini_batch_size", "0"], "mini_batch_size must be > 0"),
+    (["ppo", "--batch_size", "8", "--mini_batch_size", "16"],
+     "mini_batch_size must be <= batch_size (8) (got 16)"),
+    (["ppo", "--save_steps", "-1"], "save_steps must be >= 0 (got -1)"),
+    (["sft", "--max_new_tokens", "40"], "max_new_tokens must be <= 29"),
+    (["ppo", "--no_such_key", "1"], "unknown argument '--no_such_key'"),
+    (["ppo", "--beta", "high"], "invalid float value: 'high'"),
+    (["ppo", "--resume_from_checkpoint", "/no/such/checkpoint-3"],
+     "resume_from_checkpoint '/no/such/checkpoint-3' does not exist"),
+    (["dpo", "--resume_from_checkpoint", "latest"], "'latest' found no checkpoint-N/"),
+]
+
+
+def _one_line_error(argv, capsys, code=2) -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("rlhf-toy: error: ") == 1, err
+    # the error is the last line; a run stopped mid-training may leave a progress bar before it
+    lines = err[err.index("rlhf-toy: error: "):].strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "message"), CONFIG_CASES)
+def test_config_table(argv, message, tmp_path, capsys):
+    line = _one_line_error([*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert message in line
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("beta: 0.1\nbogus_key: 1\n", "unknown config key 'bogus_key'"),
+    ("beta: [0.1\n", "is not valid YAML (line 2)"),
+    ("- just\n- a list\n", "must hold a mapping of field: value"),
+    ("gamma: 3\n", "gamma must be in [0, 1] (got 3.0)"),
+])
+def test_yaml_table(text, message, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    line = _one_line_error(["ppo", "--config", str(path), "--output_dir", str(tmp_path)], capsys)
+    assert message in line
+
+
+# ------------------------------------------------------------------ inputs on disk
+
+
+def _save_prefs(path, train: dict, test: dict | None = None) -> str:
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict(train=Dataset.from_dict(train),
+                test=Dataset.from_dict(test or train)).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tiny_run, tmp_path_factory):
+    """Broken checkpoints and datasets next to the good tiny run."""
+    from rlhf_toy.tasks import get_task
+    from rlhf_toy.tokenizer import build_tokenizer
+
+    root, _ = tiny_run
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    swapped = tmp / "sft_other_tokenizer"  # the sft model with the sorting task's tokenizer
+    shutil.copytree(os.path.join(root, "sft"), swapped)
+    build_tokenizer(get_task("sorting").words).save_pretrained(str(swapped))
+    long_prompt = " ".join(["the"] * 40)
+    pair = {"prompt": ["the movie was"], "chosen": ["great ."], "rejected": ["bad ."]}
+    return {
+        "root": root,
+        "swapped": str(swapped),
+        "empty": _save_prefs(tmp / "empty", {k: [] for k in pair}, pair),
+        "no_prompt": _save_prefs(tmp / "no_prompt", {k: v for k, v in pair.items()
+                                                     if k != "prompt"}),
+        "no_chosen": _save_prefs(tmp / "no_chosen", {k: v for k, v in pair.items()
+                                                     if k != "chosen"}),
+        "long": _save_prefs(tmp / "long", {"prompt": [long_prompt, "the movie was"],
+                                           "chosen": ["great ."] * 2,
+                                           "rejected": ["bad ."] * 2}),
+        "missing": str(tmp / "missing"),
+    }
+
+
+def _stage_argv(stage, b, tmp_path, **override):
+    dirs = {"sft_dir": os.path.join(b["root"], "sft"), "reward_dir": os.path.join(b["root"],
+            "reward"), "prefs_dir": os.path.join(b["root"], "prefs")}
+    dirs.update(override)
+    keys = {"ppo": ("sft_dir", "reward_dir"), "dpo": ("sft_dir", "reward_dir", "prefs_dir"),
+            "reward": ("sft_dir", "prefs_dir"), "prefs": ("sft_dir",)}[stage]
+    argv = [stage, "--output_dir", str(tmp_path / stage), "--device", "cpu"]
+    for key in keys:
+        argv += [f"--{key}", dirs[key]]
+    return argv
+
+
+# (stage, overrides of the input dirs by bad_inputs key or "sft"/"reward", extra argv, message)
+INPUT_CASES = [
+    ("ppo", {"sft_dir": "missing"}, [], "checkpoint {missing!r} does not exist"),
+    ("dpo", {"reward_dir": "missing"}, [], "does not exist"),
+    ("ppo", {"sft_dir": "reward"}, [], "not a GPT2LMHeadModel policy"),
+    ("ppo", {"reward_dir": "sft"}, [], "not a GPT2ForSequenceClassification reward model"),
+    ("dpo", {"sft_dir": "swapped"}, [], "has 16 tokens but the GPT2LMHeadModel has a "
+                                        "vocabulary of 38"),
+    ("reward", {"sft_dir": "swapped"}, [], "has 16 tokens but"),
+    ("ppo", {"sft_dir": "swapped"}, [], "has 16 tokens but"),
+    ("ppo", {}, ["--max_new_tokens", "30"], "max_new_tokens must be <= 29 so that prompt + "
+                                            "response fit n_positions=32"),
+    ("dpo", {}, ["--max_new_tokens", "30"], "max_new_tokens must be <= 29"),
+    ("dpo", {"prefs_dir": "empty"}, [], "preference dataset {empty!r} has an empty split"),
+    ("reward", {"prefs_dir": "empty"}, [], "has an empty split"),
+    ("dpo", {"prefs_dir": "no_prompt"}, [], "lacks column 'prompt'"),
+    ("reward", {"prefs_dir": "no_chosen"}, [], "lacks column 'chosen'"),
+    ("dpo", {"prefs_dir": "missing"}, [], "prefs_dir {missing!r} does not exist"),
+    ("dpo", {"prefs_dir": "long"}, [], "truncate_prompts must be true to use {long} (train): "
+                                       "1 of 2 prompts do not fit n_positions=32"),
+    ("reward", {"prefs_dir": "long"}, [], "truncate_prompts must be true"),
+    ("ppo", {}, ["--resume_from_checkpoint", "sft"], "is not a resumable checkpoint"),
+]
+
+
+@pytest.mark.parametrize(("stage", "override", "extra", "message"), INPUT_CASES)
+def test_input_table(bad_inputs, stage, override, extra, message, tmp_path, capsys):
+    b = bad_inputs
+    named = {**{k: v for k, v in b.items() if k != "root"},
+             "sft": os.path.join(b["root"], "sft"), "reward": os.path.join(b["root"], "reward")}
+    argv = _stage_argv(stage, b, tmp_path, **{k: named[v] for k, v in override.items()})
+    extra = [named.get(x, x) for x in extra]
+    line = _one_line_error([*argv, *extra], capsys)
+    assert message.format(**named) in line
+
+
+def test_truncated_prompts_keep_their_last_tokens_and_warn(caplog):
+    """With truncation on, a prompt too long for the context keeps the tokens next to its
+    response, both responses of the pair see the same prompt, and the log says how many."""
+    pad = 0
+    chosen = {"prompt_ids": torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]]),
+              "prompt_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]),
+              "response_ids": torch.tensor([[11, 2], [12, 2]]),
+              "response_mask": torch.tensor([[1, 1], [1, 1]])}
+    rejected = {**chosen, "response_ids": torch.tensor([[13, 14, 2], [2, 0, 0]]),
+                "response_mask": torch.tensor([[1, 1, 1], [1, 0, 0]])}
+    with caplog.at_level(logging.WARNING):
+        c, r = fit_pairs_to_context(chosen, rejected, 5, pad, True, "toy")
+    # row 0: 2 + 3 = 5 fits; row 1: 4 + 2 > 5 keeps its last 3 prompt tokens
+    assert c["prompt_ids"].tolist() == [[0, 5, 6], [8, 9, 10]]
+    assert c["prompt_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert torch.equal(r["prompt_ids"], c["prompt_ids"])
+    assert "toy: 1 of 2 prompts are longer than the context" in caplog.text
+
+
+# ------------------------------------------------------------------ numerical faults
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_non_finite_score_stops_ppo_after_saving_the_last_good_state(tiny_run, tmp_path,
+                                                                     monkeypatch):
+    root, _ = tiny_run
+    calls = {"n": 0}
+    real = ppo_module.reward_scores
+
+    def scores_nan_at_iteration_2(*args):
+        calls["n"] += 1
+        s = real(*args)
+        return s * float("nan") if calls["n"] == 2 else s
+
+    monkeypatch.setattr(ppo_module, "reward_scores", scores_nan_at_iteration_2)
+    out = str(tmp_path / "ppo")
+    with pytest.raises(NonFiniteError, match=r"non-finite scores at step 2; training stopped, "
+                                             r"last good state saved in .*checkpoint-1"):
+        run_stage("ppo", root, "--output_dir", out, "--logging_steps", "1", "--eval_steps", "0",
+                  "--batch_size", "8", "--mini_batch_size", "4", "--n_eval_prompts", "8")
+    assert [s for s, _ in list_checkpoints(out)] == [1]
+    assert [r["step"] for r in _rows(out)] == [1]
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_non_finite_dpo_loss_exits_1_with_one_line(tiny_run, tmp_path, monkeypatch, capsys):
+    root, _ = tiny_run
+    real = dpo_module.batch_loss
+    calls = {"n": 0}
+
+    def loss_nan_at_step_3(*args):
+        calls["n"] += torch.is_grad_enabled()  # training calls only, not evaluation
+        value, stats = real(*args)
+        return (value * float("inf") if calls["n"] == 3 else value), stats
+
+    monkeypatch.setattr(dpo_module, "batch_loss", loss_nan_at_step_3)
+    out = tmp_path / "dpo"
+    argv = [*_stage_argv("dpo", {"root": root}, tmp_path), "--output_dir", str(out),
+            "--prefs_dir", small_prefs(root, str(tmp_path / "prefs")),
+            "--max_steps", "4", "--batch_size", "8", "--n_eval_prompts", "8", "--eval_steps",
+            "0", "--logging_steps", "1"]
+    line = _one_line_error(argv, capsys, code=1)
+    assert "non-finite loss at step 3; training stopped, last good state saved in" in line
+    assert [s for s, _ in list_checkpoints(str(out))] == [2]
+    assert [r["step"] for r in _rows(str(out))] == [0, 1, 2]
+
+
+def test_health_warnings_are_logged_once(caplog):
+    warned: set[str] = set()
+    bad = {"kl": -0.2, "clip_frac": 0.8, "approx_kl": 3.0, "eos_frac": 0.1}
+    with caplog.at_level(logging.WARNING, logger="rlhf_toy.train.ppo"):
+        ppo_module.warn_unhealthy(bad, 3, warned)
+        ppo_module.warn_unhealthy(bad, 4, warned)
+        ppo_module.warn_unhealthy({"kl": 0.1, "clip_frac": 0.1, "approx_kl": 0.01,
+                                   "eos_frac": 1.0}, 5, set())
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 4
+    for text in ("KL to the reference is negative (-0.200)", "clip fraction is far above normal",
+                 "approximate KL between updates is far above normal",
+                 "most responses hit the length limit without EOS"):
+        assert sum(text in m for m in messages) == 1, text
+    assert all(m.endswith("at iteration 3") for m in messages)
