@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from rlhf_toy.core.kl import MAX_LOG_RATIO, kl_per_token
 from rlhf_toy.core.returns import masked_mean
 
-
 LSE_CHUNK = 1 << 24  # elements of logits converted to float32 at a time (64 MiB)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from rlhf_toy.config import NonFiniteError, UsageError, to_dict
@@ -38,7 +39,13 @@ def prepare_output_dir(path: str) -> str:
 
 
 def make_accelerator(cfg: Any) -> Accelerator:
-    """One `Accelerator` per stage: device, mixed precision, gradient accumulation."""
+    """One `Accelerator` per stage: device, mixed precision, gradient accumulation.
+
+    accelerate keeps one mixed-precision setting per process; a pipeline runs stages with
+    different settings in one process, so each stage starts from a fresh state (the
+    process group of a multi-process launch is kept).
+    """
+    AcceleratorState._reset_state()
     acc = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
                       gradient_accumulation_steps=getattr(cfg, "gradient_accumulation_steps", 1))
     if cfg.device == "cuda" and acc.device.type != "cuda":
@@ -137,12 +144,17 @@ def stage_line(stage: str, summary: dict, keys: list[str]) -> str:
     return f"[{stage}] " + "  ".join(parts)
 
 
-def progress(total: int, desc: str, enabled: bool = True):
-    """A tqdm progress bar on stderr for a stage's loop (only on the main process)."""
+def progress(total: int, desc: str, enabled: bool = True, initial: int = 0):
+    """A tqdm progress bar on stderr for a stage's loop (only on the main process).
+
+    Live on a terminal; in a log file (CI, `nohup`) one update every 15 s at most.
+    `TQDM_DISABLE=1` turns it off."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
-                leave=False)
+    tty = sys.stderr.isatty()
+    disabled = not enabled or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    return tqdm(total=total, desc=desc, disable=disabled, file=sys.stderr, dynamic_ncols=tty,
+                mininterval=0.1 if tty else 15.0, leave=False, initial=initial)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -428,3 +440,15 @@ def fit_pairs_to_context(chosen: dict, rejected: dict, n_positions: int, pad_tok
     prompt = {"prompt_ids": torch.where(keep, chosen["prompt_ids"], pad_token_id)[:, first:],
               "prompt_mask": (chosen["prompt_mask"] * keep)[:, first:]}  # (N, P')
     return {**chosen, **prompt}, {**rejected, **prompt}
+
+
+def open_run(cfg: Any, stage: str, acc: Accelerator, model: Any,
+             optimizer: Any) -> tuple[Checkpointer, dict | None, MetricsLog]:
+    """What every training loop opens with: its `Checkpointer`, the checkpoint's state when
+    `--resume_from_checkpoint` is given (None for a fresh run, which also clears the
+    `checkpoint-*` an earlier run left), and `metrics.jsonl` kept up to the resume point."""
+    ckpt = Checkpointer(cfg, stage, acc, model, optimizer)
+    resumed = ckpt.resume()
+    log = MetricsLog(cfg.output_dir, acc.is_main_process,
+                     keep_until_step=resumed["step"] if resumed else None)
+    return ckpt, resumed, log

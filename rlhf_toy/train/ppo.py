@@ -51,11 +51,10 @@ from rlhf_toy.rollout import decode_responses, encode_prompts, sample
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
-    Checkpointer,
-    MetricsLog,
     check_context,
     check_vocab,
     first_non_finite,
+    open_run,
     progress,
     start_stage,
     write_json,
@@ -263,8 +262,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
         return evaluate_policy(unwrapped.policy, tokenizer, task, held_out, args, cfg.seed,
                                reward_model, ref_model)
 
-    ckpt = Checkpointer(cfg, "ppo", acc, unwrapped, optimizer)
-    resumed = ckpt.resume()
+    ckpt, resumed, log = open_run(cfg, "ppo", acc, unwrapped, optimizer)
     if resumed:
         kl_ctl.load_state_dict(resumed["kl_ctl"])
         before, start, warned = resumed["before"], resumed["step"], set(resumed["warned"])
@@ -274,10 +272,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     def state() -> dict:  # what a checkpoint holds besides weights, optimizer and RNG
         return {"kl_ctl": kl_ctl.state_dict(), "before": before, "warned": sorted(warned)}
 
-    log = MetricsLog(cfg.output_dir, acc.is_main_process,
-                     keep_until_step=start if resumed else None)
-    bar = progress(cfg.max_steps, "ppo", acc.is_main_process)
-    bar.update(start)
+    bar = progress(cfg.max_steps, "ppo", acc.is_main_process, initial=start)
     for it in range(start + 1, cfg.max_steps + 1):
         # every iteration's draws are a function of (seed, iteration, process): resumable
         it_seed = cfg.seed * 1_000_003 + it * 7919 + acc.process_index

@@ -18,12 +18,11 @@ from rlhf_toy.data import gold_accuracy, load_preferences, select_batch, tokeniz
 from rlhf_toy.models import reward_model_from_policy, reward_scores
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
-    Checkpointer,
-    MetricsLog,
     batch_indices,
     check_vocab,
     first_non_finite,
     fit_pairs_to_context,
+    open_run,
     progress,
     start_stage,
     write_json,
@@ -82,12 +81,9 @@ def run_reward(cfg: RewardConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    ckpt = Checkpointer(cfg, "reward", acc, acc.unwrap_model(model), optimizer)
-    start = resumed["step"] if (resumed := ckpt.resume()) else 0
-    log = MetricsLog(cfg.output_dir, acc.is_main_process,
-                     keep_until_step=start if resumed else None)
-    bar = progress(cfg.max_steps, "reward", acc.is_main_process)
-    bar.update(start)
+    ckpt, resumed, log = open_run(cfg, "reward", acc, acc.unwrap_model(model), optimizer)
+    start = resumed["step"] if resumed else 0
+    bar = progress(cfg.max_steps, "reward", acc.is_main_process, initial=start)
     model.train()
     for step in range(start + 1, cfg.max_steps + 1):
         for micro in range(cfg.gradient_accumulation_steps):

@@ -19,10 +19,9 @@ from rlhf_toy.models import build_policy, response_logits
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
 from rlhf_toy.train.common import (
-    Checkpointer,
-    MetricsLog,
     batch_indices,
     first_non_finite,
+    open_run,
     progress,
     start_stage,
     write_json,
@@ -57,12 +56,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    ckpt = Checkpointer(cfg, "sft", acc, acc.unwrap_model(model), optimizer)
-    start = resumed["step"] if (resumed := ckpt.resume()) else 0
-    log = MetricsLog(cfg.output_dir, acc.is_main_process,
-                     keep_until_step=start if resumed else None)
-    bar = progress(cfg.max_steps, "sft", acc.is_main_process)
-    bar.update(start)
+    ckpt, resumed, log = open_run(cfg, "sft", acc, acc.unwrap_model(model), optimizer)
+    start = resumed["step"] if resumed else 0
+    bar = progress(cfg.max_steps, "sft", acc.is_main_process, initial=start)
 
     # 2. next-token training on responses
     model.train()
