@@ -74,3 +74,17 @@ def test_ppo_end_to_end_raises_the_reward_model_score(tiny_run):
             "approx_kl", "explained_var", "response_len", "eos_frac"}
     assert keys <= set(rows[0])
     assert os.path.isfile(os.path.join(out, "ppo", "value_head.pt"))
+
+
+def test_beta_controls_the_distance_to_the_reference(tiny_run, tmp_path):
+    """A large beta pins the policy to the reference; beta=0 lets it drift much further."""
+    out, _ = tiny_run
+    kl = {}
+    for beta in (0.0, 10.0):
+        summary = run_stage("ppo", out, "--max_steps", "12", "--batch_size", "32",
+                            "--mini_batch_size", "16", "--learning_rate", "1e-3",
+                            "--beta", str(beta), "--output_dir", str(tmp_path / f"b{beta}"))
+        kl[beta] = summary["kl_to_ref"]
+    # whitened advantages keep every update the same size, so even beta=10 drifts a little
+    assert 0.0 <= kl[10.0] < 2.5
+    assert kl[0.0] > 3 * kl[10.0]
