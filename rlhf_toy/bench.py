@@ -37,7 +37,7 @@ import torch
 from rlhf_toy.config import PPOConfig
 from rlhf_toy.core import dpo_loss
 from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
-from rlhf_toy.rollout import encode_prompts, sample
+from rlhf_toy.rollout import cuda_graphs_enabled, encode_prompts, sample
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
 
@@ -209,6 +209,9 @@ def bench_rollout(st: Setup, peak_flops: float) -> dict:
     flops = 2 * n_flop_params(model) * s.batch_size * (ids.shape[1] + t)
     note = (f"{s.batch_size} prompts x up to {s.max_new_tokens} new tokens, T={TEMPERATURE}, "
             "top_k=0, KV cache; tokens = generated positions")
+    if st.device.type == "cuda":
+        note += ("; ours replays one CUDA graph per decode step (captured per call, timed)"
+                 if cuda_graphs_enabled() else "; CUDA graphs off (RLHF_TOY_CUDA_GRAPHS=0)")
     return _row("rollout", "transformers generate", timer, tokens, flops, peak_flops, note)
 
 
@@ -443,6 +446,7 @@ def run_bench(device: str = "cpu", size: str = "tiny", rows: tuple[str, ...] = t
     from dataclasses import replace
 
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -453,6 +457,7 @@ def run_bench(device: str = "cpu", size: str = "tiny", rows: tuple[str, ...] = t
     cuda = device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    AcceleratorState._reset_state()  # this process may already hold other settings
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     sz = SIZES[size]
     sz = replace(sz, repeats=sz.repeats if repeats is None else repeats,

@@ -69,13 +69,18 @@ def load_reward_model(path: str) -> GPT2ForSequenceClassification:
 def reward_model_from_policy(sft_dir: str, head_init_std: float) -> GPT2ForSequenceClassification:
     """A reward model whose backbone starts from the SFT policy and whose head starts small."""
     _check_checkpoint(sft_dir, "SFT")
-    level = logging.getLogger("transformers.modeling_utils").level
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)  # "newly initialized"
+    # "newly initialized: score.weight" and "layers were not sharded" are expected here
+    loggers = [logging.getLogger(f"transformers.{name}")
+               for name in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         model = GPT2ForSequenceClassification.from_pretrained(sft_dir, num_labels=1,
                                                               local_files_only=True)
     finally:
-        logging.getLogger("transformers.modeling_utils").setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
     nn.init.normal_(model.score.weight, std=head_init_std)
     return model
 
@@ -123,9 +128,15 @@ def response_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
 def reward_scores(reward_model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                   response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """The reward model's score at each sequence's last real token: (B,)."""
+    from rlhf_toy.rollout import attention_mask_4d, lean_gpt2_hidden, lean_gpt2_supported
+
     inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
-    out = reward_model.transformer(**inputs, use_cache=False)
-    hidden = out.last_hidden_state  # (B, L, H)
+    if lean_gpt2_supported(reward_model, (GPT2ForSequenceClassification,)):  # as response_logits
+        mask = attention_mask_4d(inputs["attention_mask"], 0, inputs["input_ids"].shape[1])
+        hidden = lean_gpt2_hidden(reward_model, inputs["input_ids"], inputs["position_ids"],
+                                  mask)  # (B, L, H)
+    else:
+        hidden = reward_model.transformer(**inputs, use_cache=False).last_hidden_state  # (B, L, H)
     last = last_token_index(inputs["attention_mask"])  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return reward_model.score(pooled).squeeze(-1)  # (B, 1) -> (B,)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -32,13 +33,13 @@ from rlhf_toy.models import freeze, load_policy, load_reward_model, response_log
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
-    Checkpointer,
     MetricsLog,
     batch_indices,
     check_context,
     check_vocab,
     first_non_finite,
     fit_pairs_to_context,
+    open_run,
     progress,
     start_stage,
     write_json,
@@ -62,9 +63,28 @@ class PreferenceTensors:
     rejected: dict[str, torch.Tensor]
     ref_chosen: torch.Tensor
     ref_rejected: torch.Tensor
+    _host_masks: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.chosen["prompt_ids"].shape[0]
+
+    def select(self, index: torch.Tensor) -> tuple[dict, dict]:
+        """`data.select_batch` of the chosen and the rejected rows `index`, with the
+        all-padding columns found on host copies of the masks (made once), so that a
+        step needs no device-to-host sync to size its batch."""
+        if self._host_masks is None:
+            self._host_masks = tuple((x["prompt_mask"].cpu(), x["response_mask"].cpu())
+                                     for x in (self.chosen, self.rejected))
+        host_index = index.cpu()
+        device_index = index.to(self.chosen["prompt_ids"].device)
+        out = []
+        for data, (prompt_mask, response_mask) in zip((self.chosen, self.rejected),
+                                                      self._host_masks, strict=True):
+            p_keep = int(prompt_mask[host_index].sum(0).nonzero().min())  # first real column
+            t_keep = int(response_mask[host_index].sum(0).nonzero().max()) + 1
+            out.append({k: (v[:, p_keep:] if k.startswith("prompt") else v[:, :t_keep])[device_index]
+                        for k, v in data.items()})
+        return out[0], out[1]
 
 
 def concat_pairs(chosen: dict, rejected: dict, pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -146,28 +166,53 @@ def loss_fn(cfg: DPOConfig):
     return partial(dpo_loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
 
 
+class LazyStats(Mapping):
+    """Scalar diagnostics computed and copied to the host only when first read, all with
+    one device sync; a training step that never reads them issues no kernel and no sync."""
+
+    def __init__(self, compute):
+        self._compute, self._values = compute, None  # compute: () -> dict of 0-dim tensors
+
+    def _floats(self) -> dict[str, float]:
+        if self._values is None:
+            stats = self._compute()
+            self._values = dict(zip(stats, torch.stack([v.double() for v in stats.values()]).tolist(),
+                                    strict=True))
+        return self._values
+
+    def __getitem__(self, key: str) -> float:
+        return self._floats()[key]
+
+    def __iter__(self):
+        return iter(self._floats())
+
+    def __len__(self) -> int:
+        return len(self._floats())
+
+
 def batch_loss(model, data: PreferenceTensors, index: torch.Tensor, loss,
-               pad_token_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+               pad_token_id: int) -> tuple[torch.Tensor, LazyStats]:
     """Mean preference loss of pairs `index` and its diagnostics (implicit rewards).
 
     Returns:
-        (loss (scalar, differentiable), stats): `chosen_rewards`, `rejected_rewards`
-        (batch means), `reward_accuracy` (ties count 1/2), `reward_margin`, `logps_chosen`,
-        `logps_rejected`.
+        (loss (scalar, differentiable), stats): a read-only mapping to floats, computed on
+        first read (`LazyStats`): `chosen_rewards`, `rejected_rewards` (batch means),
+        `reward_accuracy` (ties count 1/2), `reward_margin`, `logps_chosen`, `logps_rejected`.
     """
-    policy_c, policy_r = pair_logps(model, select_batch(data.chosen, index),
-                                    select_batch(data.rejected, index), pad_token_id)
+    policy_c, policy_r = pair_logps(model, *data.select(index), pad_token_id)
     index = index.to(data.ref_chosen.device)
     losses, chosen_rewards, rejected_rewards = loss(policy_c, policy_r, data.ref_chosen[index],
                                                     data.ref_rejected[index])
-    win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards)
-    stats = {"chosen_rewards": chosen_rewards.mean().item(),
-             "rejected_rewards": rejected_rewards.mean().item(),
-             "reward_accuracy": win.mean().item(),
-             "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
-             "logps_chosen": policy_c.detach().mean().item(),
-             "logps_rejected": policy_r.detach().mean().item()}
-    return losses.mean(), stats
+    c, r = chosen_rewards.detach(), rejected_rewards.detach()
+    pc, pr = policy_c.detach(), policy_r.detach()
+
+    def compute() -> dict[str, torch.Tensor]:
+        win = (c > r).float() + 0.5 * (c == r)
+        return {"chosen_rewards": c.mean(), "rejected_rewards": r.mean(),
+                "reward_accuracy": win.mean(), "reward_margin": (c - r).mean(),
+                "logps_chosen": pc.mean(), "logps_rejected": pr.mean()}
+
+    return losses.mean(), LazyStats(compute)
 
 
 @torch.no_grad()
@@ -253,10 +298,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
                                   fused=acc.distributed_type != DistributedType.FSDP)
     model, optimizer = acc.prepare(model, optimizer)
     unwrapped, loss, pad = acc.unwrap_model(model), loss_fn(cfg), ctx.tokenizer.pad_token_id
-    ckpt = Checkpointer(cfg, "dpo", acc, unwrapped, optimizer)
-    resumed = ckpt.resume()  # the schedule needs no state: the learning rate is f(step)
-    log = MetricsLog(cfg.output_dir, acc.is_main_process,
-                     keep_until_step=resumed["step"] if resumed else None)
+    # the schedule needs no state in the checkpoint: the learning rate is f(step)
+    ckpt, resumed, log = open_run(cfg, "dpo", acc, unwrapped, optimizer)
     if resumed:
         before, row, start = resumed["before"], resumed["row"], resumed["step"]
     else:
@@ -266,8 +309,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     def state() -> dict:  # what a checkpoint holds besides weights, optimizer and RNG
         return {"before": before, "row": row}
 
-    bar = progress(cfg.max_steps, "dpo", acc.is_main_process)
-    bar.update(start)
+    bar = progress(cfg.max_steps, "dpo", acc.is_main_process, initial=start)
     gas, micro = cfg.gradient_accumulation_steps, cfg.batch_size // cfg.gradient_accumulation_steps
     model.train()
     for step in range(start + 1, cfg.max_steps + 1):
