@@ -151,10 +151,15 @@ def progress(total: int, desc: str, enabled: bool = True, initial: int = 0):
     `TQDM_DISABLE=1` turns it off."""
     from tqdm.auto import tqdm
 
+    class Bar(tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+            # shown at the next update(), which respects mininterval (tqdm redraws at once)
+            super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
     tty = sys.stderr.isatty()
     disabled = not enabled or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
-    return tqdm(total=total, desc=desc, disable=disabled, file=sys.stderr, dynamic_ncols=tty,
-                mininterval=0.1 if tty else 15.0, leave=False, initial=initial)
+    return Bar(total=total, desc=desc, disable=disabled, file=sys.stderr, dynamic_ncols=tty,
+               mininterval=0.1 if tty else 15.0, leave=False, initial=initial)
 
 
 # --------------------------------------------------------------------------- checkpoints
