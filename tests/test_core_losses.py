@@ -59,7 +59,6 @@ def test_entropy_from_logits():
     assert h.item() == 0.0 and torch.isfinite(one_hot.grad).all()
 
 
-@pytest.mark.slow
 def test_logprob_helpers_match_trl():
     """Parity with TRL's own helpers (slow only because importing trl takes seconds)."""
     trl_utils = pytest.importorskip("trl.trainer.utils")

@@ -160,7 +160,6 @@ def _cli(root, out, *extra):
     return argv, env
 
 
-@pytest.mark.slow
 def test_sigkill_during_ppo_then_resume_latest(tiny_run, tmp_path):
     """SIGKILL a `rlhf-toy ppo` subprocess once its first checkpoint exists; `latest` resumes
     it to the same weights and metrics as a run that was never interrupted."""
