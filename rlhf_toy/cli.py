@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as exc:  # a numerical fault, not bad input: exit 1, still one line
         print(f"rlhf-toy: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `rlhf-toy inspect ... | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
     except KeyboardInterrupt:
         print("rlhf-toy: interrupted", file=sys.stderr)
         return 130

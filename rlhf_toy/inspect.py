@@ -33,6 +33,7 @@ import html
 import json
 import os
 import random
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,8 +345,9 @@ def render_terminal(report: dict, console=None) -> None:
     columns = _present(report)
     for i, rec in enumerate(report["samples"]):
         # collapsed padding: the eight columns fit an 80-column terminal
-        table = Table(title=Text(sample_header(i, rec)), box=box.SIMPLE_HEAD,
-                      title_justify="left", pad_edge=False, collapse_padding=True)
+        # the header on its own line: a table title would wrap at the table's width
+        console.print(Text(sample_header(i, rec)), soft_wrap=True)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for c in columns:
             table.add_column(c, justify="left" if c == "token" else "right", no_wrap=True)
         for t, token in enumerate(rec["token"]):
@@ -423,10 +425,10 @@ def render_png(report: dict, path: str) -> None:
         ax.set_xticks(range(len(rec["token"])), rec["token"], rotation=45, ha="right",
                       fontsize=8)
         ax.set_yticks(range(len(names)), names, fontsize=8)
-        ax.set_title(sample_header(i, rec), fontsize=8, loc="left")
-    fig.suptitle(describe(report) + "\ncolour: each row scaled by its largest |value| "
-                 "(green +, red -)", fontsize=8)
-    fig.savefig(path, dpi=100)
+        ax.set_title(textwrap.fill(sample_header(i, rec), 100), fontsize=8, loc="left")
+    fig.suptitle(textwrap.fill(describe(report), 90) + "\ncolour: each row scaled by its "
+                 "largest |value| (green +, red -)", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # long titles widen the page, never clip
 
 
 # --------------------------------------------------------------------------- CLI

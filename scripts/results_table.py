@@ -37,7 +37,8 @@ def table(run_dirs: list[str], method: str) -> str:
                      f"({rm['gold_accuracy']:.3f}) | {s['gold_reward_before']:.3f} -> "
                      f"**{s['gold_reward_after']:.3f}** ({gain:+.3f}) | {s['kl_to_ref']:.2f} | "
                      f"{s['wall_s']:.0f} s |")
-    lines.append(f"\nMean gain over {len(gains)} seeds: {sum(gains) / len(gains):+.3f} "
+    seeds = f"{len(gains)} seed{'s' if len(gains) > 1 else ''}"
+    lines.append(f"\nMean gain over {seeds}: {sum(gains) / len(gains):+.3f} "
                  f"(smallest {min(gains):+.3f}).")
     return "\n".join(lines)
 

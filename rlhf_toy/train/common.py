@@ -335,6 +335,9 @@ class Checkpointer:
         self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         self.last_saved = path
+        if self.acc.is_main_process:
+            print(f"{self.stage}: resuming from {path} (step {state['step']} of "
+                  f"{self.cfg.max_steps})", file=sys.stderr, flush=True)
         changed = sorted(k for k, v in state.get("config", {}).items()
                          if k not in _RESUME_MAY_CHANGE and getattr(self.cfg, k, v) != v)
         if changed:  # allowed, but the result is no longer the uninterrupted run's
