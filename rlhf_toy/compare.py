@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 from rlhf_toy.config import CompareConfig, DPOConfig, PPOConfig
@@ -113,13 +114,16 @@ def run_sweep(cfg: CompareConfig, evaluator: Evaluator, main: dict) -> list[dict
 
     runners = {"ppo": (run_ppo, cfg.ppo_dir), "dpo": (run_dpo, cfg.dpo_dir)}
     points = []
-    for method, beta, run_cfg in sweep_configs(cfg):
+    runs = sweep_configs(cfg)
+    for k, (method, beta, run_cfg) in enumerate(runs, start=1):
         runner, main_dir = runners[method]
         # 1. reuse the main run when it is this very configuration (same seed, same steps)
         if _same_as_main(run_cfg, main_dir):
             metrics, path = main[method], main_dir
         else:
             # 2. otherwise train the short run and measure its saved policy
+            print(f"compare: sweep run {k}/{len(runs)}: {method} beta {beta:g}, "
+                  f"{run_cfg.max_steps} steps", file=sys.stderr, flush=True)
             runner(run_cfg)
             metrics, path = evaluator.measure_dir(run_cfg.output_dir), run_cfg.output_dir
         points.append({"method": method, "beta": beta, "steps": run_cfg.max_steps,

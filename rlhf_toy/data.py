@@ -134,10 +134,11 @@ def run_prefs(cfg) -> dict:
     from rlhf_toy.models import load_policy
     from rlhf_toy.tasks import get_task
     from rlhf_toy.tokenizer import load_tokenizer
-    from rlhf_toy.train.common import start_stage, write_json
+    from rlhf_toy.train.common import check_context, start_stage, write_json
 
-    acc, t0 = start_stage(cfg, "prefs")
     task = get_task(cfg.task)
+    check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
+    acc, t0 = start_stage(cfg, "prefs")
     policy = load_policy(cfg.sft_dir).to(acc.device).eval()
     tokenizer = load_tokenizer(cfg.sft_dir)
     data = build_preferences(policy, tokenizer, task, cfg.n_pairs, cfg.test_fraction,

@@ -138,6 +138,7 @@ INPUT_CASES = [
     ("ppo", {}, ["--max_new_tokens", "30"], "max_new_tokens must be <= 29 so that prompt + "
                                             "response fit n_positions=32"),
     ("dpo", {}, ["--max_new_tokens", "30"], "max_new_tokens must be <= 29"),
+    ("prefs", {}, ["--max_new_tokens", "30"], "max_new_tokens must be <= 29"),
     ("dpo", {"prefs_dir": "empty"}, [], "preference dataset {empty!r} has an empty split"),
     ("reward", {"prefs_dir": "empty"}, [], "has an empty split"),
     ("dpo", {"prefs_dir": "no_prompt"}, [], "lacks column 'prompt'"),
