@@ -115,6 +115,21 @@ def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str],
             "response_ids": response_ids, "response_mask": response_mask}
 
 
+def tokenize_preferences(tokenizer, split, device, n_positions: int | None = None,
+                         truncate_prompts: bool = False,
+                         what: str = "the preference pairs") -> tuple[dict, dict]:
+    """(chosen, rejected) tokenized datasets of one split, row i of each the same pair;
+    with `n_positions`, fitted to the context (`train.common.fit_pairs_to_context`)."""
+    from rlhf_toy.train.common import fit_pairs_to_context
+
+    chosen = tokenize_pairs(tokenizer, split["prompt"], split["chosen"], device)
+    rejected = tokenize_pairs(tokenizer, split["prompt"], split["rejected"], device)
+    if n_positions is not None:
+        chosen, rejected = fit_pairs_to_context(chosen, rejected, n_positions,
+                                                tokenizer.pad_token_id, truncate_prompts, what)
+    return chosen, rejected
+
+
 def select_batch(data: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
     """Rows `index` of a tokenized dataset, with all-padding columns trimmed away."""
     batch = {k: v[index] for k, v in data.items()}

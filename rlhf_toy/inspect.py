@@ -34,12 +34,11 @@ import json
 import os
 import random
 import textwrap
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from rlhf_toy.config import PPOConfig, UsageError, check
+from rlhf_toy.config import PPOConfig, UsageError, _f, check
 from rlhf_toy.core import kl_per_token, logprobs_from_logits
 from rlhf_toy.models import (
     VALUE_HEAD_FILE,
@@ -61,10 +60,6 @@ COLUMNS = ("token", "logprob", "ref_logprob", "kl", "reward", "value", "return",
 CRITIC_COLUMNS = ("value", "return", "advantage")
 SIGNED = ("kl", "reward", "value", "return", "advantage")  # coloured by sign in the table
 TRAINING_SAMPLES = 4  # rollouts per `inspect_steps` snapshot during PPO training
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -14,6 +14,7 @@ import math
 import os
 
 import pytest
+from conftest import run_stage
 
 from rlhf_toy.cli import main
 from rlhf_toy.config import PPOConfig, UsageError, parse_config
@@ -27,31 +28,21 @@ ATOL = 2e-5
 @pytest.fixture(scope="module")
 def ppo_dir(tiny_run, tmp_path_factory):
     """Two PPO iterations with a snapshot at each (inspect_steps 1)."""
-    from rlhf_toy.train.ppo import run_ppo
-
     root, _ = tiny_run
     out = str(tmp_path_factory.mktemp("inspect") / "ppo")
-    run_ppo(parse_config(PPOConfig, [
-        "--output_dir", out, "--device", "cpu", "--sft_dir", os.path.join(root, "sft"),
-        "--reward_dir", os.path.join(root, "reward"), "--max_steps", "2", "--batch_size", "8",
-        "--mini_batch_size", "8", "--ppo_epochs", "2", "--n_eval_prompts", "8",
-        "--beta", str(BETA), "--gamma", str(GAMMA), "--lam", str(LAM),
-        "--kl_estimator", ESTIMATOR, "--inspect_steps", "1"]))
+    run_stage("ppo", root, "--output_dir", out, "--max_steps", "2", "--batch_size", "8",
+              "--mini_batch_size", "8", "--ppo_epochs", "2", "--n_eval_prompts", "8",
+              "--beta", str(BETA), "--gamma", str(GAMMA), "--lam", str(LAM),
+              "--kl_estimator", ESTIMATOR, "--inspect_steps", "1")
     return out
 
 
 @pytest.fixture(scope="module")
 def dpo_dir(tiny_run, tmp_path_factory):
-    from rlhf_toy.config import DPOConfig
-    from rlhf_toy.train.dpo import run_dpo
-
     root, _ = tiny_run
     out = str(tmp_path_factory.mktemp("inspect") / "dpo")
-    run_dpo(parse_config(DPOConfig, [
-        "--output_dir", out, "--device", "cpu", "--sft_dir", os.path.join(root, "sft"),
-        "--prefs_dir", os.path.join(root, "prefs"), "--reward_dir", os.path.join(root, "reward"),
-        "--max_steps", "3", "--batch_size", "16", "--eval_steps", "0", "--n_eval_prompts", "8",
-        "--beta", "0.3"]))
+    run_stage("dpo", root, "--output_dir", out, "--max_steps", "3", "--batch_size", "16",
+              "--eval_steps", "0", "--n_eval_prompts", "8", "--beta", "0.3")
     return out
 
 

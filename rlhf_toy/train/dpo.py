@@ -27,7 +27,7 @@ from accelerate.utils import DistributedType
 
 from rlhf_toy.config import DPOConfig
 from rlhf_toy.core import dpo_loss, ipo_loss, logprobs_from_logits
-from rlhf_toy.data import load_preferences, select_batch, tokenize_pairs
+from rlhf_toy.data import load_preferences, select_batch, tokenize_preferences
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
 from rlhf_toy.models import freeze, load_policy, load_reward_model, response_logits
 from rlhf_toy.tasks import get_task
@@ -38,7 +38,6 @@ from rlhf_toy.train.common import (
     check_context,
     check_vocab,
     first_non_finite,
-    fit_pairs_to_context,
     open_run,
     progress,
     start_stage,
@@ -149,11 +148,9 @@ def preference_tensors(split, tokenizer, ref_model, device, truncate_prompts: bo
     """Tokenize a split of prompt/chosen/rejected pairs and cache its reference log-probs.
 
     Pairs longer than the reference's context are an error, or with `truncate_prompts`
-    keep their prompts' last tokens (`common.fit_pairs_to_context`)."""
-    chosen = tokenize_pairs(tokenizer, split["prompt"], split["chosen"], device)
-    rejected = tokenize_pairs(tokenizer, split["prompt"], split["rejected"], device)
-    chosen, rejected = fit_pairs_to_context(chosen, rejected, ref_model.config.n_positions,
-                                            tokenizer.pad_token_id, truncate_prompts, what)
+    keep their prompts' last tokens (`data.tokenize_preferences`)."""
+    chosen, rejected = tokenize_preferences(tokenizer, split, device,
+                                            ref_model.config.n_positions, truncate_prompts, what)
     ref_c, ref_r = precompute_reference_logps(ref_model, chosen, rejected,
                                               tokenizer.pad_token_id)
     return PreferenceTensors(chosen, rejected, ref_c, ref_r)

@@ -14,32 +14,18 @@ import torch
 
 from rlhf_toy.config import RewardConfig
 from rlhf_toy.core import bradley_terry_loss
-from rlhf_toy.data import gold_accuracy, load_preferences, select_batch, tokenize_pairs
+from rlhf_toy.data import gold_accuracy, load_preferences, select_batch, tokenize_preferences
 from rlhf_toy.models import reward_model_from_policy, reward_scores
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
     batch_indices,
     check_vocab,
     first_non_finite,
-    fit_pairs_to_context,
     open_run,
     progress,
     start_stage,
     write_json,
 )
-
-
-def tokenize_preferences(tokenizer, split, device, n_positions: int | None = None,
-                         truncate_prompts: bool = False,
-                         what: str = "the preference pairs") -> tuple[dict, dict]:
-    """(chosen, rejected) tokenized datasets of one split, row i of each the same pair;
-    with `n_positions`, fitted to the context (`common.fit_pairs_to_context`)."""
-    chosen = tokenize_pairs(tokenizer, split["prompt"], split["chosen"], device)
-    rejected = tokenize_pairs(tokenizer, split["prompt"], split["rejected"], device)
-    if n_positions is not None:
-        chosen, rejected = fit_pairs_to_context(chosen, rejected, n_positions,
-                                                tokenizer.pad_token_id, truncate_prompts, what)
-    return chosen, rejected
 
 
 def pair_scores(model, chosen: dict, rejected: dict, index: torch.Tensor):
