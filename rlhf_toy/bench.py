@@ -36,8 +36,9 @@ import torch
 
 from rlhf_toy.config import PPOConfig
 from rlhf_toy.core import dpo_loss
+from rlhf_toy.lean_gpt2 import cuda_graphs_enabled
 from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
-from rlhf_toy.rollout import cuda_graphs_enabled, encode_prompts, sample
+from rlhf_toy.rollout import encode_prompts, sample
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
 

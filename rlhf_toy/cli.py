@@ -11,44 +11,14 @@ import os
 import sys
 from collections.abc import Callable
 
-from rlhf_toy.config import (
-    CompareConfig,
-    DPOConfig,
-    NonFiniteError,
-    PPOConfig,
-    PrefsConfig,
-    RewardConfig,
-    SFTConfig,
-    UsageError,
-    parse_config,
-)
+from rlhf_toy.config import parse_config
+from rlhf_toy.errors import NonFiniteError, UsageError
+from rlhf_toy.methods import STAGES
 
 
 def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
-    """stage -> (config class, runner, headline keys); imported lazily for a fast --help."""
-    from rlhf_toy.compare import run_compare
-    from rlhf_toy.data import run_prefs
-    from rlhf_toy.inspect import InspectConfig, run_inspect
-    from rlhf_toy.train.dpo import run_dpo
-    from rlhf_toy.train.ppo import run_ppo
-    from rlhf_toy.train.reward import run_reward
-    from rlhf_toy.train.sft import run_sft
-
-    return {
-        "sft": (SFTConfig, run_sft, ["gold_reward", "eval_loss", "wall_s"]),
-        "prefs": (PrefsConfig, run_prefs, ["train_pairs", "test_pairs", "gold_accuracy", "wall_s"]),
-        "reward": (RewardConfig, run_reward, ["eval_accuracy", "gold_accuracy", "eval_loss",
-                                              "wall_s"]),
-        "ppo": (PPOConfig, run_ppo, ["gold_reward_before", "gold_reward_after",
-                                     "proxy_reward_after", "kl_to_ref", "wall_s"]),
-        "dpo": (DPOConfig, run_dpo, ["gold_reward_before", "gold_reward_after",
-                                     "proxy_reward_after", "kl_to_ref", "eval_accuracy",
-                                     "wall_s"]),
-        "compare": (CompareConfig, run_compare, ["sft_gold_reward", "ppo_gold_reward",
-                                                 "dpo_gold_reward", "ppo_kl_to_ref",
-                                                 "dpo_kl_to_ref", "wall_s"]),
-        "inspect": (InspectConfig, run_inspect, ["stage", "samples", "score", "gold", "kl"]),
-    }
+    """stage -> (config class, runner, headline keys), from the registry in `methods.py`."""
+    return {name: (*stage.load(), list(stage.keys)) for name, stage in STAGES.items()}
 
 
 PIPELINE = ("sft", "prefs", "reward", "ppo", "dpo", "compare")

@@ -19,14 +19,7 @@ from typing import Any
 
 import yaml
 
-
-class UsageError(ValueError):
-    """Bad input from the user: a config value, a path, a dataset. One line, exit code 2."""
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a NaN or inf (loss, logits, values, advantages). One line naming the
-    quantity and the step, exit code 1; the last good state is on disk."""
+from rlhf_toy.errors import NonFiniteError, UsageError  # noqa: F401 - re-exported
 
 
 def _f(default: Any, help: str) -> Any:

@@ -9,6 +9,7 @@ so labels are noisy and the reward model learned from them is only a proxy.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -16,8 +17,10 @@ import random
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from rlhf_toy.config import UsageError
+from rlhf_toy.errors import UsageError
 from rlhf_toy.evaluate import SamplingArgs, sample_batched
+
+logger = logging.getLogger(__name__)
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -119,9 +122,7 @@ def tokenize_preferences(tokenizer, split, device, n_positions: int | None = Non
                          truncate_prompts: bool = False,
                          what: str = "the preference pairs") -> tuple[dict, dict]:
     """(chosen, rejected) tokenized datasets of one split, row i of each the same pair;
-    with `n_positions`, fitted to the context (`train.common.fit_pairs_to_context`)."""
-    from rlhf_toy.train.common import fit_pairs_to_context
-
+    with `n_positions`, fitted to the context (`fit_pairs_to_context`)."""
     chosen = tokenize_pairs(tokenizer, split["prompt"], split["chosen"], device)
     rejected = tokenize_pairs(tokenizer, split["prompt"], split["rejected"], device)
     if n_positions is not None:
@@ -142,31 +143,40 @@ def select_batch(data: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str
     return batch
 
 
-def run_prefs(cfg) -> dict:
-    """Stage `prefs`: write the preference dataset (`save_to_disk`) and its summary."""
-    import time
+def fit_pairs_to_context(chosen: dict, rejected: dict, n_positions: int, pad_token_id: int,
+                         truncate: bool, what: str) -> tuple[dict, dict]:
+    """Make every pair fit the context: prompt + the longer response <= `n_positions`.
 
-    from rlhf_toy.models import load_policy
-    from rlhf_toy.tasks import get_task
-    from rlhf_toy.tokenizer import load_tokenizer
-    from rlhf_toy.train.common import check_context, start_stage, write_json
-
-    task = get_task(cfg.task)
-    check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
-    acc, t0 = start_stage(cfg, "prefs")
-    policy = load_policy(cfg.sft_dir).to(acc.device).eval()
-    tokenizer = load_tokenizer(cfg.sft_dir)
-    data = build_preferences(policy, tokenizer, task, cfg.n_pairs, cfg.test_fraction,
-                             cfg.label_temperature,
-                             SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k), cfg.seed)
-    train = data["train"]
-    gold_gap = torch.tensor(list(train["chosen_gold"])) - torch.tensor(list(train["rejected_gold"]))
-    summary = {"train_pairs": len(data["train"]), "test_pairs": len(data["test"]),
-               "gold_accuracy": gold_accuracy(data["test"]),
-               "label_agreement_train": float((gold_gap > 0).float().mean()),
-               "ties_train": float((gold_gap == 0).float().mean()),
-               "wall_s": time.perf_counter() - t0}
-    if acc.is_main_process:
-        data.save_to_disk(cfg.output_dir)
-        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
-    return summary
+    Args:
+        chosen, rejected: tokenized datasets (`data.tokenize_pairs`) of the same N pairs:
+            `prompt_ids`, `prompt_mask` (N, P) left-padded, `response_*` (N, T).
+        truncate: keep the last tokens of a prompt that is too long (the ones next to the
+            response) and log how many were cut; otherwise raise `UsageError`.
+    Returns:
+        (chosen, rejected), with the same (truncated) prompts in both.
+    """
+    prompt_len = chosen["prompt_mask"].sum(-1)  # (N,)
+    response_len = torch.maximum(chosen["response_mask"].sum(-1),
+                                 rejected["response_mask"].sum(-1))  # (N,)
+    room = n_positions - response_len  # (N,) prompt tokens that fit; at least one is needed
+    if (room < 1).any():
+        raise UsageError(f"{what}: a response of {int(response_len.max())} tokens does not fit "
+                         f"n_positions={n_positions} with its prompt; use a longer-context model")
+    long = prompt_len > room  # (N,)
+    n_long = int(long.sum())
+    if n_long == 0:
+        return chosen, rejected
+    if not truncate:
+        raise UsageError(f"truncate_prompts must be true to use {what}: {n_long} of {len(long)} "
+                         f"prompts do not fit n_positions={n_positions} with their responses "
+                         f"(got False)")
+    logger.warning("%s: %d of %d prompts are longer than the context allows "
+                   "(n_positions=%d); kept their last tokens", what, n_long, len(long),
+                   n_positions)
+    keep_len = torch.minimum(prompt_len, room)  # (N,)
+    width = chosen["prompt_ids"].shape[1]
+    keep = torch.arange(width, device=room.device)[None, :] >= (width - keep_len)[:, None]
+    first = width - int(keep_len.max())  # leading columns that are now all padding
+    prompt = {"prompt_ids": torch.where(keep, chosen["prompt_ids"], pad_token_id)[:, first:],
+              "prompt_mask": (chosen["prompt_mask"] * keep)[:, first:]}  # (N, P')
+    return {**chosen, **prompt}, {**rejected, **prompt}

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_toy.config import PPOConfig, UsageError, _f, check
+from rlhf_toy.config import PPOConfig, _f, check
 from rlhf_toy.core import kl_per_token, logprobs_from_logits
+from rlhf_toy.errors import UsageError
 from rlhf_toy.models import (
     VALUE_HEAD_FILE,
     PolicyWithCritic,
@@ -54,12 +55,11 @@ from rlhf_toy.models import (
 from rlhf_toy.rollout import decode_responses, encode_prompts, sample
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
-from rlhf_toy.train.common import read_run_config, write_json
+from rlhf_toy.train.common import read_run_config
+from rlhf_toy.train.snapshots import CRITIC_COLUMNS, ppo_records, token_records
 
 COLUMNS = ("token", "logprob", "ref_logprob", "kl", "reward", "value", "return", "advantage")
-CRITIC_COLUMNS = ("value", "return", "advantage")
 SIGNED = ("kl", "reward", "value", "return", "advantage")  # coloured by sign in the table
-TRAINING_SAMPLES = 4  # rollouts per `inspect_steps` snapshot during PPO training
 
 
 @dataclass
@@ -162,44 +162,10 @@ def _prompts(task, tokenizer, policy, n: int, prompt: str, seed: int,
 # --------------------------------------------------------------------------- records
 
 
-def token_records(tokenizer, prompts: list[str], gold: list[float], scores: torch.Tensor,
-                  response_ids: torch.Tensor, mask: torch.Tensor,
-                  columns: dict[str, torch.Tensor | None]) -> list[dict]:
-    """One record per response: its texts and scalars, and each column cut to its real tokens.
-
-    Args:
-        prompts, gold: B prompts and gold rewards.
-        scores: (B,) the scores that enter the rewards.
-        response_ids, mask: (B, T) right-padded responses, mask 1 on real tokens.
-        columns: name -> (B, T) tensor, or None for a column that does not apply.
-    """
-    responses = decode_responses(tokenizer, response_ids, mask)
-    records = []
-    for i, prompt in enumerate(prompts):
-        n = int(mask[i].sum())
-        rec = {"prompt": prompt, "response": responses[i], "score": float(scores[i]),
-               "gold": float(gold[i]),
-               "token": tokenizer.convert_ids_to_tokens(response_ids[i, :n].tolist())}
-        for name, x in columns.items():
-            rec[name] = None if x is None else x[i, :n].float().tolist()
-        records.append(rec)
-    return records
-
-
-def ppo_records(batch, tokenizer, prompts: list[str], gold: list[float], kl_estimator: str,
-                advantages: torch.Tensor) -> list[dict]:
-    """Records of a `PPOBatch`; `advantages` (B, T) are the raw GAE ones (not whitened)."""
-    kl = kl_per_token(batch.logprobs, batch.ref_logprobs, kl_estimator) * batch.mask  # (B, T)
-    return token_records(tokenizer, prompts, gold, batch.scores, batch.response_ids, batch.mask,
-                         {"logprob": batch.logprobs, "ref_logprob": batch.ref_logprobs,
-                          "kl": kl, "reward": batch.rewards, "value": batch.values,
-                          "return": batch.returns, "advantage": advantages})
-
-
 @torch.no_grad()
 def _ppo_report(checkpoint: str, run: dict, n: int, prompt: str, seed: int,
                 device: torch.device, beta: float | None, overrides: dict) -> dict:
-    from rlhf_toy.train.ppo import collect_rollout  # train.ppo imports this module
+    from rlhf_toy.train.ppo import collect_rollout
 
     names = {f.name for f in dataclasses.fields(PPOConfig)}
     cfg = PPOConfig(**{k: v for k, v in run.items() if k in names})
@@ -279,24 +245,6 @@ def inspect_samples(checkpoint: str, n: int = 4, prompt: str = "", seed: int = 0
                              f"({checkpoint!r} is a DPO run: no critic, no GAE)")
         return _dpo_report(checkpoint, run, n, prompt, seed, _device(device), beta)
     return _ppo_report(checkpoint, run, n, prompt, seed, _device(device), beta, overrides)
-
-
-def write_training_snapshot(output_dir: str, step: int, batch, tokenizer, prompts: list[str],
-                            gold: list[float], cfg: PPOConfig, beta: float,
-                            n: int = TRAINING_SAMPLES) -> str:
-    """Write OUTPUT_DIR/inspect/step_<step>.json: the first `n` rollouts of a PPO iteration.
-
-    The advantages are recomputed raw as `returns - values` (the batch's may be whitened).
-    """
-    head = batch.select(torch.arange(min(n, len(prompts)), device=batch.mask.device))
-    samples = ppo_records(head, tokenizer, prompts[:n], gold[:n], cfg.kl_estimator,
-                          head.returns - head.values)
-    os.makedirs(os.path.join(output_dir, "inspect"), exist_ok=True)
-    path = os.path.join(output_dir, "inspect", f"step_{step}.json")
-    write_json(path, {"stage": "ppo", "checkpoint": output_dir, "step": step, "beta": beta,
-                      "gamma": cfg.gamma, "lam": cfg.lam, "kl_estimator": cfg.kl_estimator,
-                      "samples": samples})
-    return path
 
 
 # --------------------------------------------------------------------------- views

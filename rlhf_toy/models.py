@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from rlhf_toy.config import UsageError
 from rlhf_toy.core import last_token_index
+from rlhf_toy.errors import UsageError
+from rlhf_toy.lean_gpt2 import attention_mask_4d, lean_gpt2_hidden, lean_gpt2_supported
 
 VALUE_HEAD_FILE = "value_head.pt"
 
@@ -108,8 +109,6 @@ def response_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
         logits: (B, T, V), `logits[:, t]` predicts `response_ids[:, t]`.
         hidden: (B, T, H) final hidden states at the same positions (if `return_hidden`).
     """
-    from rlhf_toy.rollout import attention_mask_4d, lean_gpt2_hidden, lean_gpt2_supported
-
     inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
     p, t = prompt_ids.shape[1], response_ids.shape[1]
     if lean_gpt2_supported(model):  # the same numbers without transformers' per-call overhead
@@ -128,8 +127,6 @@ def response_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
 def reward_scores(reward_model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                   response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """The reward model's score at each sequence's last real token: (B,)."""
-    from rlhf_toy.rollout import attention_mask_4d, lean_gpt2_hidden, lean_gpt2_supported
-
     inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
     if lean_gpt2_supported(reward_model, (GPT2ForSequenceClassification,)):  # as response_logits
         mask = attention_mask_4d(inputs["attention_mask"], 0, inputs["input_ids"].shape[1])

@@ -18,9 +18,10 @@ import pytest
 import torch
 from datasets import Dataset
 
-from rlhf_toy.config import DPOConfig, UsageError, parse_config
+from rlhf_toy.config import DPOConfig, parse_config
 from rlhf_toy.core import dpo_loss, ipo_loss
 from rlhf_toy.data import load_preferences, select_batch, tokenize_pairs
+from rlhf_toy.errors import UsageError
 from rlhf_toy.models import build_policy, freeze, load_policy
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer, load_tokenizer

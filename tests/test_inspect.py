@@ -17,7 +17,8 @@ import pytest
 from conftest import run_stage
 
 from rlhf_toy.cli import main
-from rlhf_toy.config import PPOConfig, UsageError, parse_config
+from rlhf_toy.config import PPOConfig, parse_config
+from rlhf_toy.errors import UsageError
 from rlhf_toy.inspect import COLUMNS, inspect_samples, render_terminal
 
 # the tiny PPO run uses settings that differ from every default, so inspect must read them

@@ -13,10 +13,11 @@ from conftest import run_stage
 from test_reliability_resume import small_prefs
 
 from rlhf_toy.cli import main
-from rlhf_toy.config import NonFiniteError
+from rlhf_toy.data import fit_pairs_to_context
+from rlhf_toy.errors import NonFiniteError
 from rlhf_toy.train import dpo as dpo_module
 from rlhf_toy.train import ppo as ppo_module
-from rlhf_toy.train.common import fit_pairs_to_context, list_checkpoints
+from rlhf_toy.train.checkpoint import list_checkpoints
 
 # (argv, the message the one line must contain): values checked before anything is loaded
 CONFIG_CASES = [

@@ -19,9 +19,9 @@ import torch
 from conftest import TINY, run_stage
 from safetensors.torch import load_file
 
-from rlhf_toy.config import UsageError
-from rlhf_toy.train import common
-from rlhf_toy.train.common import TRAINER_STATE, list_checkpoints
+from rlhf_toy.errors import UsageError
+from rlhf_toy.train import checkpoint
+from rlhf_toy.train.checkpoint import TRAINER_STATE, list_checkpoints
 
 DPO_TINY = ["--max_steps", "4", "--batch_size", "16", "--n_eval_prompts", "8",
             "--eval_steps", "2", "--logging_steps", "1"]
@@ -44,7 +44,7 @@ class Stop(Exception):
 
 
 def _stop_after_checkpoint(monkeypatch, step: int) -> None:
-    save = common.save_checkpoint
+    save = checkpoint.save_checkpoint
 
     def save_then_stop(output_dir, at, model, state):
         path = save(output_dir, at, model, state)
@@ -52,7 +52,7 @@ def _stop_after_checkpoint(monkeypatch, step: int) -> None:
             raise Stop(path)
         return path
 
-    monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
 
 
 def assert_same_run(a: str, b: str, files=("model.safetensors",)) -> None:
@@ -142,13 +142,13 @@ def test_atomic_save_replaces_and_cleans(tmp_path):
 
     model = build_policy(build_tokenizer(get_task("sentiment").words))
     out = str(tmp_path)
-    common.save_checkpoint(out, 1, model, {"stage": "x"})
+    checkpoint.save_checkpoint(out, 1, model, {"stage": "x"})
     os.makedirs(os.path.join(out, ".tmp-checkpoint-2-abc"))  # what a kill mid-save leaves
-    common.save_checkpoint(out, 1, model, {"stage": "y"})
+    checkpoint.save_checkpoint(out, 1, model, {"stage": "y"})
     assert [s for s, _ in list_checkpoints(out)] == [1]
     state = torch.load(os.path.join(out, "checkpoint-1", TRAINER_STATE), weights_only=True)
     assert state["stage"] == "y"
-    common.clean_checkpoints(out, keep=True)
+    checkpoint.clean_checkpoints(out, keep=True)
     assert sorted(os.listdir(out)) == ["checkpoint-1"]
 
 
@@ -190,9 +190,9 @@ def test_checkpoint_of_another_stage_or_beyond_max_steps(tmp_path):
     from rlhf_toy.tokenizer import build_tokenizer
 
     model = build_policy(build_tokenizer(get_task("sentiment").words))
-    path = common.save_checkpoint(str(tmp_path), 3, model, {"stage": "dpo"})
+    path = checkpoint.save_checkpoint(str(tmp_path), 3, model, {"stage": "dpo"})
     with pytest.raises(UsageError, match="is a 'dpo' checkpoint, not a 'ppo' one"):
-        common.load_checkpoint(path, "ppo", 10)
+        checkpoint.load_checkpoint(path, "ppo", 10)
     with pytest.raises(UsageError, match=r"max_steps must be >= the checkpoint's step 3 \(got 2\)"):
-        common.load_checkpoint(path, "dpo", 2)
-    assert common.resolve_checkpoint(str(tmp_path), "latest") == path
+        checkpoint.load_checkpoint(path, "dpo", 2)
+    assert checkpoint.resolve_checkpoint(str(tmp_path), "latest") == path

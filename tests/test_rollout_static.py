@@ -4,15 +4,9 @@ with the eager lean decoder; on CUDA, graph replay gives the eager tokens."""
 import pytest
 import torch
 
+from rlhf_toy.lean_gpt2 import StaticDecoder, StaticKVCache, attention_mask_4d, lean_gpt2_hidden
 from rlhf_toy.models import build_policy
-from rlhf_toy.rollout import (
-    StaticKVCache,
-    _StaticDecoder,
-    attention_mask_4d,
-    encode_prompts,
-    lean_gpt2_hidden,
-    sample,
-)
+from rlhf_toy.rollout import encode_prompts, sample
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
 
@@ -39,7 +33,7 @@ def test_static_step_logits_equal_the_sliced_lean_step():
     gen = torch.Generator().manual_seed(3)
     token = torch.randint(0, len(tok), (b,), generator=gen)
     pos = positions[:, -1:] + 1
-    dec = _StaticDecoder(model, kv_static, attention, token, pos, p, 0.7, 0, False)
+    dec = StaticDecoder(model, kv_static, attention, token, pos, p, 0.7, 0, False)
     for t in range(1, new):
         start = p + t - 1
         hidden = lean_gpt2_hidden(model, token[:, None], pos, attention_mask_4d(attention, start, 1),
@@ -84,13 +78,13 @@ def test_cuda_graph_decode_matches_eager_decode(autocast, monkeypatch):
     model = model.cuda()
     ids, mask = encode_prompts(tok, PROMPTS * 8, "cuda")
     captured = []  # one entry per successful capture (a failed one falls back with a warning)
-    real_capture = _StaticDecoder.capture
+    real_capture = StaticDecoder.capture
 
     def spy(self, *args, **kwargs):
         real_capture(self, *args, **kwargs)
         captured.append(self.graph is not None)
 
-    monkeypatch.setattr(_StaticDecoder, "capture", spy)
+    monkeypatch.setattr(StaticDecoder, "capture", spy)
 
     def run(graph, greedy, seed=0):
         n = len(captured)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from rlhf_toy.config import UsageError
+from rlhf_toy.errors import UsageError
 from rlhf_toy.tasks import TASKS, get_task
 from rlhf_toy.tasks.sentiment import _parse_prefix, _sigmoid
 from rlhf_toy.tokenizer import build_tokenizer, load_tokenizer

@@ -14,7 +14,7 @@ def get_task(name: str) -> Task:
         UsageError: unknown name (the message lists the known ones).
     """
     if name not in TASKS:
-        from rlhf_toy.config import UsageError
+        from rlhf_toy.errors import UsageError
 
         raise UsageError(f"task must be one of {sorted(TASKS)} (got {name!r})")
     return TASKS[name]()

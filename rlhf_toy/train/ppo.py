@@ -36,7 +36,6 @@ from rlhf_toy.core import (
     whiten,
 )
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
-from rlhf_toy.inspect import write_training_snapshot
 from rlhf_toy.models import (
     PolicyWithCritic,
     PolicyWithValueHead,
@@ -59,6 +58,7 @@ from rlhf_toy.train.common import (
     start_stage,
     write_json,
 )
+from rlhf_toy.train.snapshots import write_training_snapshot
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,10 @@ import time
 
 import torch
 
-from rlhf_toy.config import SFTConfig, UsageError
+from rlhf_toy.config import SFTConfig
 from rlhf_toy.core import logprobs_from_logits
 from rlhf_toy.data import select_batch, sft_dataset, tokenize_pairs
+from rlhf_toy.errors import UsageError
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
 from rlhf_toy.models import build_policy, response_logits
 from rlhf_toy.tasks import get_task

@@ -1,0 +1,39 @@
+"""Stage `prefs`: preference pairs sampled from the SFT policy, labelled by the gold reward."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from rlhf_toy.config import PrefsConfig
+from rlhf_toy.data import build_preferences, gold_accuracy
+from rlhf_toy.evaluate import SamplingArgs
+from rlhf_toy.models import load_policy
+from rlhf_toy.tasks import get_task
+from rlhf_toy.tokenizer import load_tokenizer
+from rlhf_toy.train.common import check_context, start_stage, write_json
+
+
+def run_prefs(cfg: PrefsConfig) -> dict:
+    """Stage `prefs`: write the preference dataset (`save_to_disk`) and its summary."""
+    task = get_task(cfg.task)
+    check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
+    acc, t0 = start_stage(cfg, "prefs")
+    policy = load_policy(cfg.sft_dir).to(acc.device).eval()
+    tokenizer = load_tokenizer(cfg.sft_dir)
+    data = build_preferences(policy, tokenizer, task, cfg.n_pairs, cfg.test_fraction,
+                             cfg.label_temperature,
+                             SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k), cfg.seed)
+    train = data["train"]
+    gold_gap = torch.tensor(list(train["chosen_gold"])) - torch.tensor(list(train["rejected_gold"]))
+    summary = {"train_pairs": len(data["train"]), "test_pairs": len(data["test"]),
+               "gold_accuracy": gold_accuracy(data["test"]),
+               "label_agreement_train": float((gold_gap > 0).float().mean()),
+               "ties_train": float((gold_gap == 0).float().mean()),
+               "wall_s": time.perf_counter() - t0}
+    if acc.is_main_process:
+        data.save_to_disk(cfg.output_dir)
+        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    return summary
