@@ -15,7 +15,6 @@ from rlhf_toy.config import (
     CompareConfig,
     DPOConfig,
     NonFiniteError,
-    PPOConfig,
     PrefsConfig,
     RewardConfig,
     SFTConfig,
@@ -30,7 +29,7 @@ def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
     from rlhf_toy.data import run_prefs
     from rlhf_toy.inspect import InspectConfig, run_inspect
     from rlhf_toy.train.dpo import run_dpo
-    from rlhf_toy.train.ppo import run_ppo
+    from rlhf_toy.train.ppo import PPOConfig, run_ppo
     from rlhf_toy.train.reward import run_reward
     from rlhf_toy.train.sft import run_sft
 

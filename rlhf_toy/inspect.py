@@ -35,10 +35,11 @@ import os
 import random
 import textwrap
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from rlhf_toy.config import PPOConfig, UsageError, _f, check
+from rlhf_toy.config import OnPolicyConfig, UsageError, _f, check
 from rlhf_toy.core import kl_per_token, logprobs_from_logits
 from rlhf_toy.models import (
     VALUE_HEAD_FILE,
@@ -55,6 +56,9 @@ from rlhf_toy.rollout import decode_responses, encode_prompts, sample
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import read_run_config, write_json
+
+if TYPE_CHECKING:  # train.ppo imports this module
+    from rlhf_toy.train.ppo import PPOConfig
 
 COLUMNS = ("token", "logprob", "ref_logprob", "kl", "reward", "value", "return", "advantage")
 CRITIC_COLUMNS = ("value", "return", "advantage")
@@ -188,7 +192,8 @@ def token_records(tokenizer, prompts: list[str], gold: list[float], scores: torc
 
 def ppo_records(batch, tokenizer, prompts: list[str], gold: list[float], kl_estimator: str,
                 advantages: torch.Tensor) -> list[dict]:
-    """Records of a `PPOBatch`; `advantages` (B, T) are the raw GAE ones (not whitened)."""
+    """Records of an on-policy `Rollout`; `advantages` (B, T) as they should be shown (raw GAE
+    ones for PPO, not whitened)."""
     kl = kl_per_token(batch.logprobs, batch.ref_logprobs, kl_estimator) * batch.mask  # (B, T)
     return token_records(tokenizer, prompts, gold, batch.scores, batch.response_ids, batch.mask,
                          {"logprob": batch.logprobs, "ref_logprob": batch.ref_logprobs,
@@ -199,7 +204,8 @@ def ppo_records(batch, tokenizer, prompts: list[str], gold: list[float], kl_esti
 @torch.no_grad()
 def _ppo_report(checkpoint: str, run: dict, n: int, prompt: str, seed: int,
                 device: torch.device, beta: float | None, overrides: dict) -> dict:
-    from rlhf_toy.train.ppo import collect_rollout  # train.ppo imports this module
+    from rlhf_toy.train.onpolicy import collect_rollout  # train.onpolicy imports this module
+    from rlhf_toy.train.ppo import PPO, PPOConfig
 
     names = {f.name for f in dataclasses.fields(PPOConfig)}
     cfg = PPOConfig(**{k: v for k, v in run.items() if k in names})
@@ -213,7 +219,8 @@ def _ppo_report(checkpoint: str, run: dict, n: int, prompt: str, seed: int,
     task, tokenizer = get_task(cfg.task), load_tokenizer(checkpoint)
     prompts = _prompts(task, tokenizer, model.policy, n, prompt, seed, cfg.max_new_tokens)
     gen = torch.Generator(device=device).manual_seed(seed)
-    batch = collect_rollout(model, ref_model, reward_model, tokenizer, prompts, cfg, beta, gen)
+    batch = collect_rollout(PPO, model, ref_model, reward_model, tokenizer, prompts, cfg, beta,
+                            gen)
     gold = task.gold_batch(prompts, decode_responses(tokenizer, batch.response_ids, batch.mask))
     samples = ppo_records(batch, tokenizer, prompts, gold, cfg.kl_estimator, batch.advantages)
     return {"stage": "ppo", "checkpoint": checkpoint, "beta": beta, "gamma": cfg.gamma,
@@ -282,20 +289,21 @@ def inspect_samples(checkpoint: str, n: int = 4, prompt: str = "", seed: int = 0
 
 
 def write_training_snapshot(output_dir: str, step: int, batch, tokenizer, prompts: list[str],
-                            gold: list[float], cfg: PPOConfig, beta: float,
-                            n: int = TRAINING_SAMPLES) -> str:
-    """Write OUTPUT_DIR/inspect/step_<step>.json: the first `n` rollouts of a PPO iteration.
+                            gold: list[float], cfg: OnPolicyConfig, beta: float,
+                            n: int = TRAINING_SAMPLES, stage: str = "ppo") -> str:
+    """Write OUTPUT_DIR/inspect/step_<step>.json: the first `n` rollouts of an iteration.
 
-    The advantages are recomputed raw as `returns - values` (the batch's may be whitened).
+    With a critic the advantages are recomputed raw as `returns - values` (the batch's may
+    be whitened); critic-free rollouts show their own advantages (value/return may be None).
     """
     head = batch.select(torch.arange(min(n, len(prompts)), device=batch.mask.device))
-    samples = ppo_records(head, tokenizer, prompts[:n], gold[:n], cfg.kl_estimator,
-                          head.returns - head.values)
+    raw = head.advantages if head.values is None else head.returns - head.values
+    samples = ppo_records(head, tokenizer, prompts[:n], gold[:n], cfg.kl_estimator, raw)
     os.makedirs(os.path.join(output_dir, "inspect"), exist_ok=True)
     path = os.path.join(output_dir, "inspect", f"step_{step}.json")
-    write_json(path, {"stage": "ppo", "checkpoint": output_dir, "step": step, "beta": beta,
-                      "gamma": cfg.gamma, "lam": cfg.lam, "kl_estimator": cfg.kl_estimator,
-                      "samples": samples})
+    write_json(path, {"stage": stage, "checkpoint": output_dir, "step": step, "beta": beta,
+                      "gamma": getattr(cfg, "gamma", None), "lam": getattr(cfg, "lam", None),
+                      "kl_estimator": cfg.kl_estimator, "samples": samples})
     return path
 
 
