@@ -22,6 +22,9 @@ from rlhf_toy.config import (
     parse_config,
 )
 
+ON_POLICY_KEYS = ["gold_reward_before", "gold_reward_after", "proxy_reward_after", "kl_to_ref",
+                  "wall_s"]
+
 
 def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
     """stage -> (config class, runner, headline keys); imported lazily for a fast --help."""
@@ -29,8 +32,11 @@ def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
     from rlhf_toy.data import run_prefs
     from rlhf_toy.inspect import InspectConfig, run_inspect
     from rlhf_toy.train.dpo import run_dpo
+    from rlhf_toy.train.grpo import GRPOConfig, run_grpo
     from rlhf_toy.train.ppo import PPOConfig, run_ppo
+    from rlhf_toy.train.reinforce_pp import ReinforcePPConfig, run_reinforce_pp
     from rlhf_toy.train.reward import run_reward
+    from rlhf_toy.train.rloo import RLOOConfig, run_rloo
     from rlhf_toy.train.sft import run_sft
 
     return {
@@ -38,8 +44,10 @@ def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
         "prefs": (PrefsConfig, run_prefs, ["train_pairs", "test_pairs", "gold_accuracy", "wall_s"]),
         "reward": (RewardConfig, run_reward, ["eval_accuracy", "gold_accuracy", "eval_loss",
                                               "wall_s"]),
-        "ppo": (PPOConfig, run_ppo, ["gold_reward_before", "gold_reward_after",
-                                     "proxy_reward_after", "kl_to_ref", "wall_s"]),
+        "ppo": (PPOConfig, run_ppo, ON_POLICY_KEYS),
+        "grpo": (GRPOConfig, run_grpo, ON_POLICY_KEYS),
+        "rloo": (RLOOConfig, run_rloo, ON_POLICY_KEYS),
+        "reinforce_pp": (ReinforcePPConfig, run_reinforce_pp, ON_POLICY_KEYS),
         "dpo": (DPOConfig, run_dpo, ["gold_reward_before", "gold_reward_after",
                                      "proxy_reward_after", "kl_to_ref", "eval_accuracy",
                                      "wall_s"]),
@@ -111,7 +119,8 @@ def _print_line(stage: str, summary: dict, keys: list[str]) -> None:
 
 
 USAGE = ("usage: rlhf-toy STAGE [--config FILE] [--key value ...]\n"
-         f"stages: {', '.join(PIPELINE)}, inspect, pipeline, tasks\n"
+         f"stages: {', '.join(PIPELINE)}, grpo, rloo, reinforce_pp, inspect, pipeline, "
+         "tasks\n"
          "`rlhf-toy STAGE --help` lists a stage's keys.")
 
 

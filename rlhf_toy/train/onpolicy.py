@@ -37,6 +37,7 @@ from rlhf_toy.core import (
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
 from rlhf_toy.inspect import write_training_snapshot
 from rlhf_toy.models import (
+    CriticFreePolicy,
     freeze,
     load_policy,
     load_reward_model,
@@ -252,11 +253,31 @@ def iteration_prompts(task, cfg: OnPolicyConfig, it_seed: int) -> list[str]:
     return [p for p in prompts for _ in range(cfg.num_generations)]
 
 
-def build_models(method: OnPolicyMethod, cfg: OnPolicyConfig):
-    """The trainable model, the frozen reference policy and the frozen reward model."""
+def critic_free_policy(cfg: OnPolicyConfig) -> CriticFreePolicy:
+    """The trainable model of a critic-free method: the SFT policy alone."""
+    return CriticFreePolicy(load_policy(cfg.sft_dir))
+
+
+def sequence_advantages(batch: Rollout, advantages: torch.Tensor) -> torch.Tensor:
+    """One advantage per completion (B,) on each of its real tokens: (B, T)."""
+    return advantages[:, None] * batch.mask  # (B,) -> (B, T)
+
+
+def build_models(method: OnPolicyMethod, cfg: OnPolicyConfig, acc):
+    """The trainable model (prepared by `acc`, and unwrapped), its AdamW optimizer, the
+    frozen reference policy, the frozen reward model and the tokenizer."""
     reward_model = freeze(load_reward_model(cfg.reward_dir))
     model = method.build_model(cfg)
-    return model, freeze(load_policy(cfg.sft_dir)), reward_model
+    ref_model = freeze(load_policy(cfg.sft_dir))
+    tokenizer = load_tokenizer(cfg.sft_dir)
+    check_vocab(tokenizer, cfg.sft_dir, model.policy, reward_model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  # one fused kernel per step (FSDP keeps foreach)
+                                  fused=acc.distributed_type != DistributedType.FSDP)
+    model, optimizer = acc.prepare(model, optimizer)
+    return (model, acc.unwrap_model(model), optimizer, ref_model.to(acc.device),
+            reward_model.to(acc.device), tokenizer)
 
 
 def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
@@ -265,18 +286,10 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
     acc, t0 = start_stage(cfg, method.stage)
     task = get_task(cfg.task)
     check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
-    model, ref_model, reward_model = build_models(method, cfg)
-    tokenizer = load_tokenizer(cfg.sft_dir)
-    check_vocab(tokenizer, cfg.sft_dir, model.policy, reward_model)
+    model, unwrapped, optimizer, ref_model, reward_model, tokenizer = build_models(method, cfg,
+                                                                                  acc)
     kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.beta))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  # one fused kernel per step (FSDP keeps foreach)
-                                  fused=acc.distributed_type != DistributedType.FSDP)
-    model, optimizer = acc.prepare(model, optimizer)
-    ref_model, reward_model = ref_model.to(acc.device), reward_model.to(acc.device)
-    unwrapped = acc.unwrap_model(model)
     args = SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
     held_out = eval_prompts(task, cfg.n_eval_prompts)
 
