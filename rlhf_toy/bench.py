@@ -6,9 +6,10 @@ Each row runs ours and the baseline interleaved (A B A B ...) after a warm-up, o
 same model weights, tokenizer, data and batch shape, and reports medians:
 
 - `rollout`: `rollout.sample` vs `model.generate` (same sampling settings, KV cache on).
-- `ppo_iteration`: one rlhf_toy PPO iteration (`collect_rollout` + `ppo_update`) vs one
-  `trl.RLOOTrainer` generation cycle with the same number of completions of the same
-  maximum length and the same number of optimizer updates. TRL 1.x has no PPO trainer;
+- `ppo_iteration`: one rlhf_toy PPO iteration (`collect_rollout` + `update` of
+  `train/onpolicy.py` with `PPO`) vs one `trl.RLOOTrainer` generation cycle with the same
+  number of completions of the same maximum length and the same number of optimizer
+  updates. TRL 1.x has no PPO trainer;
   RLOO is its nearest on-policy trainer (no critic; a reward model and a KL reference).
 - `dpo_step`: one rlhf_toy DPO optimizer step (cached reference log-probs) vs one
   `trl.DPOTrainer` step (its default: a reference forward pass every step).
@@ -34,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_toy.config import PPOConfig
 from rlhf_toy.core import dpo_loss
 from rlhf_toy.lean_gpt2 import cuda_graphs_enabled
 from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
@@ -265,7 +265,9 @@ def _trl_args(cls, st: Setup, out: str, **kw):
     return cls(**{k: v for k, v in args.items() if k in fields})
 
 
-def _ppo_config(st: Setup) -> PPOConfig:
+def _ppo_config(st: Setup):
+    from rlhf_toy.train.ppo import PPOConfig
+
     s = st.size
     return PPOConfig(output_dir="unused", batch_size=s.batch_size,
                      mini_batch_size=s.mini_batch_size, ppo_epochs=s.ppo_epochs,
@@ -276,7 +278,8 @@ def _ppo_config(st: Setup) -> PPOConfig:
 
 def bench_ppo(st: Setup, peak_flops: float) -> dict:
     """One rlhf_toy PPO iteration vs one RLOOTrainer generation cycle (same updates)."""
-    from rlhf_toy.train.ppo import collect_rollout, ppo_update
+    from rlhf_toy.train.onpolicy import collect_rollout, update
+    from rlhf_toy.train.ppo import PPO
 
     s, cfg, tok = st.size, _ppo_config(st), st.tokenizer
     updates = s.ppo_epochs * (s.batch_size // s.mini_batch_size)
@@ -296,10 +299,11 @@ def bench_ppo(st: Setup, peak_flops: float) -> dict:
         prompts = st.prompts(s.batch_size, salt=it[0])
         unwrapped.eval()
         with st.acc.autocast():
-            batch = collect_rollout(unwrapped, ref, rm, tok, prompts, cfg, cfg.beta, gen)
+            batch = collect_rollout(PPO, unwrapped, ref, rm, tok, prompts, cfg, cfg.beta, gen)
         lengths.append(batch.prompt_ids.shape[1] + batch.response_ids.shape[1])
         model.train()
-        ppo_update(model, optimizer, st.acc, batch, cfg, torch.Generator().manual_seed(it[0]))
+        update(PPO, model, optimizer, st.acc, batch, cfg, cfg.beta,
+               torch.Generator().manual_seed(it[0]))
 
     num_generations = 4 if s.batch_size % 4 == 0 else 2
     note = (f"ours: {s.batch_size} rollouts x <= {s.max_new_tokens} tokens, reward model, ref, "

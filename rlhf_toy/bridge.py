@@ -22,8 +22,8 @@ Steps of `run_bridge`:
 3. exact MDP: the fitted GPT is pi_ref of both trainers *and* of the exact `TokenMDP`
    (its float64 next-token probabilities at every prefix), so J* is measured against
    the very reference the trainers regularize to and the fitting error drops out.
-4. PPO: `collect_rollout` + `ppo_update` from `train/ppo.py`, with the exact reward as
-   the score function in place of a reward model.
+4. PPO: `collect_rollout` + `update` of `train/onpolicy.py` with `train/ppo.py`'s `PPO`,
+   with the exact reward as the score function in place of a reward model.
 5. DPO: pairs y1, y2 ~ pi_ref, labelled by the exact Bradley-Terry model
    P(y1 > y2) = sigmoid(r(y1) - r(y2)), trained with `train/dpo.py`'s `batch_loss` at the
    same beta. With infinitely many such pairs the DPO loss is minimized exactly by pi*
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel
 
-from rlhf_toy.config import DPOConfig, PPOConfig
+from rlhf_toy.config import DPOConfig
 from rlhf_toy.core import dpo_loss
 from rlhf_toy.mdp.token import (
     TokenMDP,
@@ -67,7 +67,8 @@ from rlhf_toy.train.dpo import (
     precompute_reference_logps,
     set_learning_rate,
 )
-from rlhf_toy.train.ppo import collect_rollout, ppo_update
+from rlhf_toy.train.onpolicy import collect_rollout, update
+from rlhf_toy.train.ppo import PPO, PPOConfig
 
 Tokens = tuple[int, ...]
 
@@ -250,11 +251,12 @@ def train_ppo(reference, task: BridgeTask, cfg: BridgeConfig, track=None) -> GPT
     for it in range(1, ppo_cfg.max_steps + 1):
         it_seed = cfg.seed * 1_000_003 + it * 7919
         unwrapped.eval()
-        batch = collect_rollout(unwrapped, reference, None, task.tokenizer, prompts, ppo_cfg,
-                                ppo_cfg.beta, torch.Generator().manual_seed(it_seed),
+        batch = collect_rollout(PPO, unwrapped, reference, None, task.tokenizer, prompts,
+                                ppo_cfg, ppo_cfg.beta, torch.Generator().manual_seed(it_seed),
                                 score_fn=score_fn)
         model.train()
-        ppo_update(model, optimizer, acc, batch, ppo_cfg, torch.Generator().manual_seed(it_seed))
+        update(PPO, model, optimizer, acc, batch, ppo_cfg, ppo_cfg.beta,
+               torch.Generator().manual_seed(it_seed))
         if track is not None:
             track(unwrapped.policy)
     return freeze(unwrapped.policy)

@@ -82,7 +82,8 @@ def _print_line(stage: str, summary: dict, keys: list[str]) -> None:
 
 
 USAGE = ("usage: rlhf-toy STAGE [--config FILE] [--key value ...]\n"
-         f"stages: {', '.join(PIPELINE)}, inspect, pipeline, tasks\n"
+         f"stages: {', '.join(PIPELINE)}, grpo, rloo, reinforce_pp, inspect, pipeline, "
+         "tasks\n"
          "`rlhf-toy STAGE --help` lists a stage's keys.")
 
 

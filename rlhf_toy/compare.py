@@ -25,12 +25,13 @@ import os
 import sys
 import time
 
-from rlhf_toy.config import CompareConfig, DPOConfig, PPOConfig
+from rlhf_toy.config import CompareConfig, DPOConfig
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy, win_rate
 from rlhf_toy.models import freeze, load_policy, load_reward_model
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import read_run_config, start_stage, write_json
+from rlhf_toy.train.ppo import PPOConfig
 
 METHOD_KEYS = ("gold_reward", "proxy_reward", "kl_to_ref", "win_rate_vs_ref", "response_len")
 METHODS = ("ppo", "dpo")

@@ -229,29 +229,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 @dataclass
-class PPOConfig(CommonConfig, SamplingConfig, TrainConfig):
-    """PPO with a per-token KL penalty to the frozen SFT reference (Ziegler et al. 2019)."""
+class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
+    """What every on-policy stage shares (`ppo`, `grpo`, `rloo`, `reinforce_pp`): sampling,
+    the KL to the frozen SFT reference, the clipped update and its schedule."""
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
     reward_dir: str = _f("runs/default/reward", "reward model checkpoint (frozen)")
-    batch_size: int = _f(32, "rollouts (prompts) per PPO iteration (per process)")
-    max_steps: int = _f(100, "PPO iterations")
-    mini_batch_size: int = _f(16, "rollouts per PPO minibatch update")
+    batch_size: int = _f(32, "rollouts (completions) per iteration (per process)")
+    max_steps: int = _f(100, "iterations (sample, score, update)")
+    num_generations: int = _f(1, "completions per prompt, contiguous in the batch; "
+                                 "batch_size / num_generations prompts per iteration")
+    mini_batch_size: int = _f(16, "rollouts per minibatch update")
     ppo_epochs: int = _f(4, "passes over each rollout batch")
-    beta: float = _f(0.05, "KL penalty coefficient (initial value if adaptive_kl)")
-    kl_estimator: str = _f("k1", "per-token KL estimator: k1 | k2 | k3")
+    beta: float = _f(0.05, "KL coefficient (initial value if adaptive_kl)")
+    kl_estimator: str = _f("k1", "per-token KL estimator of a KL in the reward: k1 | k2 | k3")
     adaptive_kl: bool = _f(False, "adapt beta towards target_kl (Ziegler et al. 2019)")
     target_kl: float = _f(2.0, "target sequence KL for the adaptive controller")
     kl_horizon: int = _f(10000, "horizon (in rollouts) of the adaptive controller")
-    gamma: float = _f(1.0, "discount over response tokens")
-    lam: float = _f(0.95, "GAE lambda")
-    clip_range: float = _f(0.2, "PPO ratio clipping epsilon")
-    clip_range_value: float = _f(0.2, "value clipping around the old values")
-    vf_coef: float = _f(0.5, "value loss coefficient")
+    clip_range: float = _f(0.2, "ratio clipping epsilon")
     ent_coef: float = _f(0.0, "entropy bonus coefficient")
-    critic: str = _f("value_head", "value_head (on the policy) | reward_model (separate critic)")
-    whiten_scores: bool = _f(False, "whiten reward-model scores over the batch")
-    whiten_advantages: bool = _f(True, "whiten advantages over the batch's real tokens")
     missing_eos_penalty: float = _f(1.0, "subtracted from the score of responses cut by the length limit")
     eval_steps: int = _f(0, "held-out gold/proxy evaluation every N iterations; 0 = start and end")
     inspect_steps: int = _f(0, "write inspect/step_N.json of a few samples every N iterations; 0 = off")
@@ -260,19 +256,17 @@ class PPOConfig(CommonConfig, SamplingConfig, TrainConfig):
         CommonConfig.__post_init__(self)
         self._check_sampling()
         self._check_train()
-        _positive(self, "mini_batch_size", "ppo_epochs", "clip_range", "clip_range_value",
+        _positive(self, "num_generations", "mini_batch_size", "ppo_epochs", "clip_range",
                   "target_kl", "kl_horizon")
         check(self.mini_batch_size <= self.batch_size, "mini_batch_size",
               f"<= batch_size ({self.batch_size})", self.mini_batch_size)
         check(self.batch_size % self.mini_batch_size == 0, "batch_size",
               f"a multiple of mini_batch_size ({self.mini_batch_size})", self.batch_size)
+        check(self.batch_size % self.num_generations == 0, "batch_size",
+              f"a multiple of num_generations ({self.num_generations})", self.batch_size)
         check(self.beta >= 0, "beta", ">= 0", self.beta)
-        _unit(self, "gamma", "lam")
         check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", "k1, k2 or k3",
               self.kl_estimator)
-        check(self.critic in ("value_head", "reward_model"), "critic",
-              "value_head or reward_model", self.critic)
-        check(self.vf_coef >= 0, "vf_coef", ">= 0", self.vf_coef)
         check(self.ent_coef >= 0, "ent_coef", ">= 0", self.ent_coef)
         check(self.missing_eos_penalty >= 0, "missing_eos_penalty", ">= 0",
               self.missing_eos_penalty)

@@ -35,10 +35,11 @@ import os
 import random
 import textwrap
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from rlhf_toy.config import PPOConfig, _f, check
+from rlhf_toy.config import _f, check
 from rlhf_toy.core import kl_per_token, logprobs_from_logits
 from rlhf_toy.errors import UsageError
 from rlhf_toy.models import (
@@ -57,6 +58,9 @@ from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import read_run_config
 from rlhf_toy.train.snapshots import CRITIC_COLUMNS, ppo_records, token_records
+
+if TYPE_CHECKING:  # train.ppo imports this module
+    from rlhf_toy.train.ppo import PPOConfig
 
 COLUMNS = ("token", "logprob", "ref_logprob", "kl", "reward", "value", "return", "advantage")
 SIGNED = ("kl", "reward", "value", "return", "advantage")  # coloured by sign in the table
@@ -165,7 +169,8 @@ def _prompts(task, tokenizer, policy, n: int, prompt: str, seed: int,
 @torch.no_grad()
 def _ppo_report(checkpoint: str, run: dict, n: int, prompt: str, seed: int,
                 device: torch.device, beta: float | None, overrides: dict) -> dict:
-    from rlhf_toy.train.ppo import collect_rollout
+    from rlhf_toy.train.onpolicy import collect_rollout
+    from rlhf_toy.train.ppo import PPO, PPOConfig
 
     names = {f.name for f in dataclasses.fields(PPOConfig)}
     cfg = PPOConfig(**{k: v for k, v in run.items() if k in names})
@@ -179,7 +184,8 @@ def _ppo_report(checkpoint: str, run: dict, n: int, prompt: str, seed: int,
     task, tokenizer = get_task(cfg.task), load_tokenizer(checkpoint)
     prompts = _prompts(task, tokenizer, model.policy, n, prompt, seed, cfg.max_new_tokens)
     gen = torch.Generator(device=device).manual_seed(seed)
-    batch = collect_rollout(model, ref_model, reward_model, tokenizer, prompts, cfg, beta, gen)
+    batch = collect_rollout(PPO, model, ref_model, reward_model, tokenizer, prompts, cfg, beta,
+                            gen)
     gold = task.gold_batch(prompts, decode_responses(tokenizer, batch.response_ids, batch.mask))
     samples = ppo_records(batch, tokenizer, prompts, gold, cfg.kl_estimator, batch.advantages)
     return {"stage": "ppo", "checkpoint": checkpoint, "beta": beta, "gamma": cfg.gamma,

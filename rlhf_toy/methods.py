@@ -47,7 +47,11 @@ STAGES: dict[str, Stage] = {
                    ("train_pairs", "test_pairs", "gold_accuracy", "wall_s")),
     "reward": Stage("rlhf_toy.config:RewardConfig", "rlhf_toy.train.reward:run_reward",
                     ("eval_accuracy", "gold_accuracy", "eval_loss", "wall_s")),
-    "ppo": Stage("rlhf_toy.config:PPOConfig", "rlhf_toy.train.ppo:run_ppo", METHOD_KEYS),
+    "ppo": Stage("rlhf_toy.train.ppo:PPOConfig", "rlhf_toy.train.ppo:run_ppo", METHOD_KEYS),
+    "grpo": Stage("rlhf_toy.train.grpo:GRPOConfig", "rlhf_toy.train.grpo:run_grpo", METHOD_KEYS),
+    "rloo": Stage("rlhf_toy.train.rloo:RLOOConfig", "rlhf_toy.train.rloo:run_rloo", METHOD_KEYS),
+    "reinforce_pp": Stage("rlhf_toy.train.reinforce_pp:ReinforcePPConfig",
+                          "rlhf_toy.train.reinforce_pp:run_reinforce_pp", METHOD_KEYS),
     "dpo": Stage("rlhf_toy.config:DPOConfig", "rlhf_toy.train.dpo:run_dpo",
                  (*METHOD_KEYS[:-1], "eval_accuracy", "wall_s")),
     "compare": Stage("rlhf_toy.config:CompareConfig", "rlhf_toy.compare:run_compare",
@@ -71,5 +75,8 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ppo", "on_policy", "ppo"),
+    Method("grpo", "on_policy", "grpo"),
+    Method("rloo", "on_policy", "rloo"),
+    Method("reinforce_pp", "on_policy", "reinforce_pp"),
     Method("dpo", "preference", "dpo"),
 )}

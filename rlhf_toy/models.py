@@ -216,3 +216,20 @@ class PolicyWithCritic(nn.Module):
     def save_pretrained(self, path: str, **kwargs) -> None:
         self.policy.save_pretrained(path, **kwargs)
         torch.save(self.critic.state_dict(), os.path.join(path, "critic.pt"))
+
+
+class CriticFreePolicy(nn.Module):
+    """A policy alone, with the interface of `PolicyWithValueHead` (values None): the model
+    critic-free algorithms (GRPO, RLOO, REINFORCE++) train."""
+
+    def __init__(self, policy: GPT2LMHeadModel):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0):
+        """Returns (logits (B, T, V), None)."""
+        return response_logits(self.policy, prompt_ids, prompt_mask, response_ids,
+                               response_mask, temperature), None
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        self.policy.save_pretrained(path, **kwargs)

@@ -21,10 +21,10 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from rlhf_toy.config import PPOConfig, parse_config  # noqa: E402
+from rlhf_toy.config import parse_config  # noqa: E402
 from rlhf_toy.errors import UsageError  # noqa: E402
 from rlhf_toy.train.common import write_json  # noqa: E402
-from rlhf_toy.train.ppo import run_ppo  # noqa: E402
+from rlhf_toy.train.ppo import PPOConfig, run_ppo  # noqa: E402
 
 
 def curve(run_dir: str) -> list[dict]:

@@ -21,6 +21,8 @@ TINY = {
     "ppo": ["--max_steps", "4", "--batch_size", "16", "--mini_batch_size", "8",
             "--n_eval_prompts", "32"],
 }
+for _stage in ("grpo", "rloo", "reinforce_pp"):  # the other on-policy stages: PPO's settings
+    TINY[_stage] = TINY["ppo"]
 
 
 def run_stage(stage: str, out: str, *extra: str, task: str = "sentiment") -> dict:

@@ -7,10 +7,10 @@ import pytest
 from conftest import TINY
 
 from rlhf_toy.compare import Evaluator, equal_kl_verdict, run_compare
-from rlhf_toy.config import CompareConfig, DPOConfig, PPOConfig, parse_config
+from rlhf_toy.config import CompareConfig, DPOConfig, parse_config
 from rlhf_toy.models import load_policy
 from rlhf_toy.train.dpo import run_dpo
-from rlhf_toy.train.ppo import run_ppo
+from rlhf_toy.train.ppo import PPOConfig, run_ppo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

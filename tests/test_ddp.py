@@ -2,7 +2,7 @@
 
 `accelerate launch --multi_gpu --num_processes 2 tests/test_ddp.py OUT` runs this file as
 a script on CPU: each process takes its half of one PPO batch and its DPO pairs (chosen the way
-`run_dpo` chooses them), runs `ppo_update` (2 epochs, one minibatch each) and one DPO
+`run_dpo` chooses them), runs the PPO `update` (2 epochs, one minibatch each) and one DPO
 step through a DDP-wrapped model (gloo), and rank 0 saves the weights. The test repeats
 the same update in a single process on the combined batch and compares.
 
@@ -23,13 +23,13 @@ import sys
 
 import torch
 
-from rlhf_toy.config import PPOConfig
 from rlhf_toy.core import dpo_loss, logprobs_from_logits
 from rlhf_toy.models import PolicyWithValueHead, build_policy
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
 from rlhf_toy.train.common import batch_indices
-from rlhf_toy.train.ppo import PPOBatch, ppo_update
+from rlhf_toy.train.onpolicy import Rollout, update
+from rlhf_toy.train.ppo import PPO, PPOConfig
 
 ROWS = 8  # PPO rollouts and DPO pairs per process
 N_PAIRS = 32  # DPO pairs in the split (a multiple of 2 * ROWS: same epochs either way)
@@ -40,7 +40,7 @@ def _tokenizer():
     return build_tokenizer(get_task("sentiment").words)
 
 
-def ppo_batch(tok, n: int) -> PPOBatch:
+def ppo_batch(tok, n: int) -> Rollout:
     """A deterministic rollout batch of `n` rows with full masks (old log-probs from the model)."""
     g = torch.Generator().manual_seed(1)
     prompt_ids = torch.randint(4, len(tok), (n, 3), generator=g)
@@ -54,9 +54,9 @@ def ppo_batch(tok, n: int) -> PPOBatch:
         logits, values = model(prompt_ids, prompt_mask, response_ids, mask)
     logprobs = logprobs_from_logits(logits, response_ids)
     randn = [torch.randn(n, 6, generator=g) for _ in range(3)]
-    return PPOBatch(prompt_ids, prompt_mask, response_ids, mask, logprobs + 0.1 * randn[0],
-                    logprobs, values, torch.randn(n, generator=g), randn[1], randn[2],
-                    randn[1] + values)
+    return Rollout(prompt_ids, prompt_mask, response_ids, mask, logprobs + 0.1 * randn[0],
+                   logprobs, scores=torch.randn(n, generator=g), rewards=randn[1],
+                   advantages=randn[2], values=values, returns=randn[1] + values)
 
 
 def dpo_data(tok):
@@ -94,7 +94,7 @@ def updated_weights(acc) -> dict[str, dict[str, torch.Tensor]]:
     model = PolicyWithValueHead(build_policy(tok))
     model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
     model.train()
-    ppo_update(model, opt, acc, batch, cfg, torch.Generator().manual_seed(0))
+    update(PPO, model, opt, acc, batch, cfg, cfg.beta, torch.Generator().manual_seed(0))
     out = {"ppo": acc.unwrap_model(model).state_dict()}
 
     data = dpo_data(tok)

@@ -17,9 +17,10 @@ import pytest
 from conftest import run_stage
 
 from rlhf_toy.cli import main
-from rlhf_toy.config import PPOConfig, parse_config
+from rlhf_toy.config import parse_config
 from rlhf_toy.errors import UsageError
 from rlhf_toy.inspect import COLUMNS, inspect_samples, render_terminal
+from rlhf_toy.train.ppo import PPOConfig
 
 # the tiny PPO run uses settings that differ from every default, so inspect must read them
 BETA, GAMMA, LAM, ESTIMATOR = 0.1, 0.97, 0.9, "k3"

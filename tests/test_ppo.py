@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import run_stage
 
-from rlhf_toy.config import PPOConfig
 from rlhf_toy.core import gae, kl_per_token, last_token_index, logprobs_from_logits, ppo_policy_loss
 from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
-from rlhf_toy.train.ppo import collect_rollout
+from rlhf_toy.train.onpolicy import collect_rollout
+from rlhf_toy.train.ppo import PPO, PPOConfig
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def rollout():
     rm = freeze(GPT2ForSequenceClassification(rm_config))
     cfg = PPOConfig(output_dir="unused", beta=0.1, temperature=0.8, max_new_tokens=8, lam=0.9)
     prompts = ["the movie was", "the plot", "the", "the cast seemed"] * 2
-    batch = collect_rollout(model, ref, rm, tok, prompts, cfg, cfg.beta,
+    batch = collect_rollout(PPO, model, ref, rm, tok, prompts, cfg, cfg.beta,
                             torch.Generator().manual_seed(0))
     return model, batch, cfg
 

@@ -16,7 +16,7 @@ from rlhf_toy.cli import main
 from rlhf_toy.data import fit_pairs_to_context
 from rlhf_toy.errors import NonFiniteError
 from rlhf_toy.train import dpo as dpo_module
-from rlhf_toy.train import ppo as ppo_module
+from rlhf_toy.train import onpolicy as onpolicy_module
 from rlhf_toy.train.checkpoint import list_checkpoints
 
 # (argv, the message the one line must contain): values checked before anything is loaded
@@ -194,14 +194,14 @@ def test_non_finite_score_stops_ppo_after_saving_the_last_good_state(tiny_run, t
                                                                      monkeypatch):
     root, _ = tiny_run
     calls = {"n": 0}
-    real = ppo_module.reward_scores
+    real = onpolicy_module.reward_scores
 
     def scores_nan_at_iteration_2(*args):
         calls["n"] += 1
         s = real(*args)
         return s * float("nan") if calls["n"] == 2 else s
 
-    monkeypatch.setattr(ppo_module, "reward_scores", scores_nan_at_iteration_2)
+    monkeypatch.setattr(onpolicy_module, "reward_scores", scores_nan_at_iteration_2)
     out = str(tmp_path / "ppo")
     with pytest.raises(NonFiniteError, match=r"non-finite scores at step 2; training stopped, "
                                              r"last good state saved in .*checkpoint-1"):
@@ -238,10 +238,10 @@ def test_non_finite_dpo_loss_exits_1_with_one_line(tiny_run, tmp_path, monkeypat
 def test_health_warnings_are_logged_once(caplog):
     warned: set[str] = set()
     bad = {"kl": -0.2, "clip_frac": 0.8, "approx_kl": 3.0, "eos_frac": 0.1}
-    with caplog.at_level(logging.WARNING, logger="rlhf_toy.train.ppo"):
-        ppo_module.warn_unhealthy(bad, 3, warned)
-        ppo_module.warn_unhealthy(bad, 4, warned)
-        ppo_module.warn_unhealthy({"kl": 0.1, "clip_frac": 0.1, "approx_kl": 0.01,
+    with caplog.at_level(logging.WARNING, logger="rlhf_toy.train.onpolicy"):
+        onpolicy_module.warn_unhealthy(bad, 3, warned)
+        onpolicy_module.warn_unhealthy(bad, 4, warned)
+        onpolicy_module.warn_unhealthy({"kl": 0.1, "clip_frac": 0.1, "approx_kl": 0.01,
                                    "eos_frac": 1.0}, 5, set())
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 4

@@ -1,8 +1,14 @@
-"""Pure tensor math of RLHF: returns and advantages, KL, losses. No models, no I/O.
+"""Pure tensor math of RLHF: returns and advantages (GAE and the critic-free ones), KL,
+losses. No models, no I/O.
 
 Shapes: B batch, T time (response tokens), V vocabulary; `mask` is 1 on real tokens.
 """
 
+from rlhf_toy.core.advantages import (
+    group_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 from rlhf_toy.core.kl import (
     ESTIMATORS,
     AdaptiveKLController,
@@ -14,10 +20,12 @@ from rlhf_toy.core.losses import (
     bradley_terry_loss,
     dpo_loss,
     entropy_from_logits,
+    grpo_policy_loss,
     ipo_loss,
     logprobs_from_logits,
     ppo_policy_loss,
     ppo_value_loss,
+    rloo_policy_loss,
 )
 from rlhf_toy.core.returns import (
     discounted_returns,
@@ -37,6 +45,8 @@ __all__ = [
     "dpo_loss",
     "entropy_from_logits",
     "gae",
+    "grpo_policy_loss",
+    "group_advantages",
     "ipo_loss",
     "kl_per_token",
     "last_token_index",
@@ -45,6 +55,9 @@ __all__ = [
     "masked_var",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
+    "rloo_policy_loss",
     "shape_rewards",
     "whiten",
 ]

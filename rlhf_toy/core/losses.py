@@ -91,20 +91,102 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     zero = torch.zeros_like(logprobs)
     log_ratio = torch.where(real, logprobs - old_logprobs, zero)  # (B, T), 0 on padding
     adv = torch.where(real, advantages.to(logprobs.dtype), zero)
+    per_token, ratio, cut = _clipped_surrogate(log_ratio, adv, clip_range)
+    loss = masked_mean(per_token, mask)
+    return loss, _ratio_stats(log_ratio, ratio, cut, mask)
+
+
+def _clipped_surrogate(log_ratio: torch.Tensor, adv: torch.Tensor, clip_range: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) elementwise, with the ratio and
+    where the clipped term is strictly the larger (the gradient is cut), any shape."""
     ratio = torch.exp(log_ratio.clamp(max=MAX_LOG_RATIO))
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        # k3 with "samples from old": kl_per_token(old, new) uses log r = new - old
-        approx_kl = kl_per_token(zero, log_ratio, "k3")
-        stats = {
-            "clip_frac": masked_mean((clipped > unclipped).float(), mask).item(),
-            "approx_kl": masked_mean(approx_kl, mask).item(),
-            "ratio_mean": masked_mean(ratio, mask).item(),
-            "ratio_max": ratio[real].max().item() if real.any() else 1.0,
-        }
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
+@torch.no_grad()
+def _ratio_stats(log_ratio: torch.Tensor, ratio: torch.Tensor, cut: torch.Tensor,
+                 mask: torch.Tensor) -> dict[str, float]:
+    """`clip_frac`, `approx_kl` (k3 of KL(old || new)), `ratio_mean`, `ratio_max` over the
+    real elements, as python floats."""
+    real = mask.bool()
+    # k3 with "samples from old": kl_per_token(old, new) uses log r = new - old
+    approx_kl = kl_per_token(torch.zeros_like(log_ratio), log_ratio, "k3")
+    return {
+        "clip_frac": masked_mean(cut.float(), mask).item(),
+        "approx_kl": masked_mean(approx_kl, mask).item(),
+        "ratio_mean": masked_mean(ratio, mask).item(),
+        "ratio_max": ratio[real].max().item() if real.any() else 1.0,
+    }
+
+
+def grpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                     ref_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     clip_range: float, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's objective (Shao et al. 2024, DeepSeekMath eq. 3), as a loss to minimise:
+
+        per_token = max(-A_i * ratio, -A_i * clip(ratio, 1 - eps, 1 + eps)) + beta * k3_t
+        loss      = 1/B sum_i 1/|o_i| sum_t per_token[i, t]
+
+    a token-level clipped surrogate with the sequence advantage A_i on every token of
+    completion i, plus the KL to the reference as a loss term with Schulman's k3
+    estimator at the current log-probs (eq. 4), averaged over each completion's tokens
+    and then over completions. This is TRL's `GRPOTrainer` with `loss_type="grpo"`.
+
+    Args:
+        logprobs: (B, T) under the current policy (with grad).
+        old_logprobs: (B, T) from the rollout policy.
+        ref_logprobs: (B, T) from the frozen reference.
+        advantages: (B,) one per completion (`group_advantages`).
+        mask: (B, T), 1 = real token.
+        clip_range: eps > 0; beta: coefficient of the KL term (>= 0; 0 drops it).
+    Returns:
+        (loss, stats): scalar loss; stats as `ppo_policy_loss`'s plus `kl_ref` (the masked
+        mean of k3 over the batch's real tokens).
+    """
+    _check_clip_range(clip_range)
+    real = mask.bool()
+    zero = torch.zeros_like(logprobs)
+    log_ratio = torch.where(real, logprobs - old_logprobs, zero)  # (B, T)
+    adv = torch.where(real, advantages.to(logprobs.dtype)[:, None], zero)  # (B,) -> (B, T)
+    per_token, ratio, cut = _clipped_surrogate(log_ratio, adv, clip_range)
+    kl = torch.where(real, kl_per_token(logprobs, ref_logprobs, "k3"), zero)  # (B, T)
+    per_token = per_token + beta * kl
+    loss = masked_mean(per_token, mask, dim=-1).mean()  # (B, T) -> (B,) -> ()
+    stats = _ratio_stats(log_ratio, ratio, cut, mask)
+    stats["kl_ref"] = masked_mean(kl.detach(), mask).item()
     return loss, stats
+
+
+def rloo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                     advantages: torch.Tensor, mask: torch.Tensor,
+                     clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """RLOO's clipped objective with a sequence-level ratio (TRL's `RLOOTrainer`):
+
+        ratio_i = exp(sum_t log pi(a_t | s_t) - sum_t log pi_old(a_t | s_t))
+        loss    = 1/B sum_i max(-A_i * ratio_i, -A_i * clip(ratio_i, 1 - eps, 1 + eps))
+
+    The whole completion is one action (Ahmadian et al. 2024 model the response as a
+    single action); at ratio 1 the gradient is REINFORCE's -A_i * grad log pi(o_i).
+
+    Args:
+        logprobs: (B, T) under the current policy (with grad).
+        old_logprobs: (B, T) from the rollout policy.
+        advantages: (B,) one per completion (`rloo_advantages`).
+        mask: (B, T), 1 = real token.
+        clip_range: eps > 0.
+    Returns:
+        (loss, stats): scalar loss; stats as `ppo_policy_loss`'s, per completion.
+    """
+    _check_clip_range(clip_range)
+    real = mask.bool()
+    log_ratio = torch.where(real, logprobs - old_logprobs, torch.zeros_like(logprobs)).sum(-1)
+    adv = advantages.to(logprobs.dtype)  # (B,)
+    per_seq, ratio, cut = _clipped_surrogate(log_ratio, adv, clip_range)  # (B,)
+    has_tokens = real.any(-1)  # (B,)
+    return per_seq.mean(), _ratio_stats(log_ratio, ratio, cut, has_tokens)
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

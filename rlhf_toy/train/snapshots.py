@@ -44,7 +44,8 @@ def token_records(tokenizer, prompts: list[str], gold: list[float], scores: torc
 
 def ppo_records(batch, tokenizer, prompts: list[str], gold: list[float], kl_estimator: str,
                 advantages: torch.Tensor) -> list[dict]:
-    """Records of a `PPOBatch`; `advantages` (B, T) are the raw GAE ones (not whitened)."""
+    """Records of an on-policy `Rollout`; `advantages` (B, T) as they should be shown (raw GAE
+    ones for PPO, not whitened)."""
     kl = kl_per_token(batch.logprobs, batch.ref_logprobs, kl_estimator) * batch.mask  # (B, T)
     return token_records(tokenizer, prompts, gold, batch.scores, batch.response_ids, batch.mask,
                          {"logprob": batch.logprobs, "ref_logprob": batch.ref_logprobs,
@@ -54,17 +55,18 @@ def ppo_records(batch, tokenizer, prompts: list[str], gold: list[float], kl_esti
 
 def write_training_snapshot(output_dir: str, step: int, batch, tokenizer, prompts: list[str],
                             gold: list[float], cfg, beta: float,
-                            n: int = TRAINING_SAMPLES) -> str:
-    """Write OUTPUT_DIR/inspect/step_<step>.json: the first `n` rollouts of a PPO iteration.
+                            n: int = TRAINING_SAMPLES, stage: str = "ppo") -> str:
+    """Write OUTPUT_DIR/inspect/step_<step>.json: the first `n` rollouts of an iteration.
 
-    The advantages are recomputed raw as `returns - values` (the batch's may be whitened).
+    With a critic the advantages are recomputed raw as `returns - values` (the batch's may
+    be whitened); critic-free rollouts show their own advantages (value/return may be None).
     """
     head = batch.select(torch.arange(min(n, len(prompts)), device=batch.mask.device))
-    samples = ppo_records(head, tokenizer, prompts[:n], gold[:n], cfg.kl_estimator,
-                          head.returns - head.values)
+    raw = head.advantages if head.values is None else head.returns - head.values
+    samples = ppo_records(head, tokenizer, prompts[:n], gold[:n], cfg.kl_estimator, raw)
     os.makedirs(os.path.join(output_dir, "inspect"), exist_ok=True)
     path = os.path.join(output_dir, "inspect", f"step_{step}.json")
-    write_json(path, {"stage": "ppo", "checkpoint": output_dir, "step": step, "beta": beta,
-                      "gamma": cfg.gamma, "lam": cfg.lam, "kl_estimator": cfg.kl_estimator,
-                      "samples": samples})
+    write_json(path, {"stage": stage, "checkpoint": output_dir, "step": step, "beta": beta,
+                      "gamma": getattr(cfg, "gamma", None), "lam": getattr(cfg, "lam", None),
+                      "kl_estimator": cfg.kl_estimator, "samples": samples})
     return path

@@ -1,0 +1,367 @@
+"""The on-policy loop every on-policy stage runs (`ppo`, `grpo`, `rloo`, `reinforce_pp`).
+
+Shapes: B rollouts per iteration, P prompt length, T response length, V vocabulary.
+
+Each iteration: 1 sample (KV cache), 2 score (reward model at the last real token),
+3 log-probs of the policy (and values, with a critic) and of the reference, 4 advantages
+(the algorithm's), 5 epochs of minibatch updates (the algorithm's loss). An algorithm is
+an `OnPolicyMethod`: how it builds its trainable model, its advantages and its loss.
+Checkpointing, resume, the non-finite guard, health warnings, evaluation and the
+progress bar are shared here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import DistributedType
+
+from rlhf_toy.config import OnPolicyConfig
+from rlhf_toy.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    last_token_index,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+)
+from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
+from rlhf_toy.models import (
+    CriticFreePolicy,
+    freeze,
+    load_policy,
+    load_reward_model,
+    response_logits,
+    reward_scores,
+)
+from rlhf_toy.rollout import decode_responses, encode_prompts, sample
+from rlhf_toy.tasks import get_task
+from rlhf_toy.tokenizer import load_tokenizer
+from rlhf_toy.train.common import (
+    check_context,
+    check_vocab,
+    first_non_finite,
+    open_run,
+    progress,
+    start_stage,
+    write_json,
+)
+from rlhf_toy.train.snapshots import write_training_snapshot
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One iteration's rollouts and everything an update needs.
+
+    Attributes:
+        prompt_ids, prompt_mask: (B, P) left-padded prompts.
+        response_ids, mask: (B, T) right-padded responses; mask 1 on real tokens (EOS too).
+        logprobs: (B, T) log pi_old(a_t | s_t) at the sampling temperature.
+        ref_logprobs: (B, T) the same under the frozen reference.
+        scores: (B,) reward-model scores (minus the missing-EOS penalty).
+        rewards: (B, T) the per-token rewards the algorithm optimises (the score on the
+            last token, with the KL penalty where it is in the reward); 0 on padding.
+        advantages: (B, T) the algorithm's advantages, on every real token.
+        values: (B, T) V_old(s_t) from a critic, or None (critic-free algorithms).
+        returns: (B, T) the critic's targets (or returns-to-go), or None.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    scores: torch.Tensor
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        """The rollouts at `index` (B') as a new `Rollout`; None fields stay None."""
+        return Rollout(*(None if (x := getattr(self, f.name)) is None else x[index]
+                         for f in dataclasses.fields(self)))
+
+
+# advantages(rollout, cfg, beta) -> the rollout with rewards and advantages (and returns)
+Advantages = Callable[[Rollout, OnPolicyConfig, float], Rollout]
+# loss(logprobs, values, minibatch, cfg, beta) -> (loss, named scalar losses, stats)
+Loss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class OnPolicyMethod:
+    """What one on-policy algorithm adds to the shared loop.
+
+    Attributes:
+        stage: its stage name (checkpoints record it; resume checks it).
+        build_model: cfg -> the trainable model: `forward(prompt_ids, prompt_mask,
+            response_ids, mask, temperature)` returning (logits (B, T, V), values (B, T)
+            or None), with the policy as `.policy` (`models.PolicyWithValueHead`,
+            `models.CriticFreePolicy`).
+        advantages: step 4, `Advantages`.
+        loss: step 5, `Loss`; the named losses are logged (e.g. `policy_loss`).
+    """
+
+    stage: str
+    build_model: Callable[[OnPolicyConfig], torch.nn.Module]
+    advantages: Advantages
+    loss: Loss
+
+
+@torch.no_grad()
+def collect_rollout(method: OnPolicyMethod, model, ref_model, reward_model, tokenizer,
+                    prompts: list[str], cfg: OnPolicyConfig, beta: float,
+                    generator: torch.Generator, score_fn=None) -> Rollout:
+    """Steps 1-4 of an iteration: sample, score, log-probs, the method's advantages.
+
+    `score_fn`, if given, replaces the reward model (pass `reward_model=None`): a function
+    (prompt_ids, prompt_mask, response_ids, mask) -> scores (B,), e.g. an exact reward.
+    """
+    device = next(model.parameters()).device
+    # 1. sample responses with the KV cache
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    s = sample(model.policy, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id,
+               tokenizer.pad_token_id, cfg.temperature, cfg.top_k, generator=generator)
+    inputs = (s.prompt_ids, s.prompt_mask, s.response_ids, s.mask)
+    # 2. score: the reward model reads the last real token; a cut response pays a penalty
+    scores = (reward_scores(reward_model, *inputs) if score_fn is None
+              else score_fn(*inputs)).float()
+    scores = scores - cfg.missing_eos_penalty * (~s.ended_with_eos).float()
+    # 3. old log-probs (and values) in one pass, reference log-probs
+    mask = s.mask.float()
+    logits, values = model(*inputs, temperature=cfg.temperature)
+    logprobs = logprobs_from_logits(logits, s.response_ids) * mask
+    ref_logits = response_logits(ref_model, *inputs, temperature=cfg.temperature)
+    ref_logprobs = logprobs_from_logits(ref_logits, s.response_ids) * mask
+    batch = Rollout(s.prompt_ids, s.prompt_mask, s.response_ids, mask, logprobs, ref_logprobs,
+                    scores, values=None if values is None else values.float() * mask)
+    # 4. advantages, the algorithm's own
+    return method.advantages(batch, cfg, beta)
+
+
+def update(method: OnPolicyMethod, model, optimizer, acc, batch: Rollout, cfg: OnPolicyConfig,
+           beta: float, generator: torch.Generator) -> dict[str, float]:
+    """Step 5: `ppo_epochs` passes of the method's loss over shuffled minibatches."""
+    stats: dict[str, list[float]] = {}
+    n = batch.mask.shape[0]
+    micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+    updated = False  # has an optimizer step of this call changed the model yet?
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(n, generator=generator).to(batch.mask.device)
+        for start in range(0, n, micro):
+            mb = batch.select(perm[start: start + micro])
+            with acc.accumulate(model):
+                logits, values = model(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.mask,
+                                       temperature=cfg.temperature)
+                logprobs = logprobs_from_logits(logits, mb.response_ids)
+                loss, losses, mb_stats = method.loss(logprobs, values, mb, cfg, beta)
+                # without an entropy bonus the entropy is only logged: no backward through it
+                with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.ent_coef != 0):
+                    entropy = masked_mean(entropy_from_logits(logits.float()), mb.mask)
+                loss = loss - cfg.ent_coef * entropy
+                acc.backward(loss)
+                grad_norm = (acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                             if acc.sync_gradients else None)
+                # one sync for the logged losses and the finite check, before the step:
+                # a non-finite update is never applied
+                logged = finite_or_raise(updated, **losses, entropy=entropy, loss=loss,
+                                         grad_norm=grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                updated = updated or acc.sync_gradients
+            for k, v in {**mb_stats, **logged}.items():
+                stats.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+class NonFiniteUpdate(Exception):
+    """A non-finite loss or gradient norm in `update`, caught before its optimizer step.
+
+    Attributes: quantity (its name); updated (whether earlier minibatches of this
+    iteration already changed the model)."""
+
+    def __init__(self, quantity: str, updated: bool):
+        super().__init__(quantity)
+        self.quantity, self.updated = quantity, updated
+
+
+def finite_or_raise(updated: bool, **scalars: torch.Tensor | None) -> dict[str, float]:
+    """The scalars as floats (one device sync); `NonFiniteUpdate` if one is NaN or inf.
+    All but `loss` and `grad_norm` are returned (the logged ones)."""
+    names = [k for k, v in scalars.items() if v is not None]
+    floats = torch.stack([scalars[k].detach().float() for k in names]).tolist()
+    for name, value in zip(names, floats, strict=True):
+        if not math.isfinite(value):
+            raise NonFiniteUpdate(name, updated)
+    return {k: v for k, v in zip(names, floats, strict=True) if k not in ("loss", "grad_norm")}
+
+
+# Diagnostics far from their usual range, each warned about once per run: (metric, test,
+# message). Usual values: clip_frac 0.05-0.3, approx_kl < 0.1 (per token).
+HEALTH_CHECKS = (
+    ("kl", lambda v: v < -0.05, "mean KL to the reference is negative (%.3f): a sign of a "
+                                "mismatch between sampling and scoring log-probs"),
+    ("clip_frac", lambda v: v > 0.5, "clip fraction is far above normal (%.3f > 0.5): the "
+                                     "policy moves too far per update; lower learning_rate"),
+    ("approx_kl", lambda v: v > 1.0, "approximate KL between updates is far above normal "
+                                     "(%.3f > 1.0): lower learning_rate or ppo_epochs"),
+    ("eos_frac", lambda v: v < 0.5, "most responses hit the length limit without EOS (EOS "
+                                    "fraction %.3f): raise max_new_tokens or missing_eos_penalty"),
+)
+
+
+def warn_unhealthy(row: dict[str, float], it: int, warned: set[str]) -> None:
+    """Log each `HEALTH_CHECKS` warning the first time its metric leaves the usual range."""
+    for metric, unusual, message in HEALTH_CHECKS:
+        if metric in row and metric not in warned and unusual(row[metric]):
+            logger.warning(message + " at iteration %d", row[metric], it)
+            warned.add(metric)
+
+
+def rollout_stats(batch: Rollout, gold: list[float], eos_token_id: int) -> dict[str, float]:
+    """Per-iteration diagnostics of a rollout (gold is logged only, never trained on);
+    `explained_var` of the critic where there is one."""
+    kl_seq = ((batch.logprobs - batch.ref_logprobs) * batch.mask).sum(-1)  # (B, T) -> (B,)
+    row = {"score": batch.scores.mean().item(), "gold": sum(gold) / len(gold),
+           "kl": kl_seq.mean().item()}
+    if batch.values is not None:
+        residual_var = masked_var(batch.returns - batch.values, batch.mask)
+        explained = 1.0 - residual_var / masked_var(batch.returns, batch.mask).clamp(min=1e-8)
+        row["explained_var"] = explained.item()
+    last = batch.response_ids.gather(1, last_token_index(batch.mask)[:, None])  # (B, 1)
+    return {**row, "response_len": batch.mask.sum(-1).mean().item(),
+            "eos_frac": (last == eos_token_id).float().mean().item()}
+
+
+def iteration_prompts(task, cfg: OnPolicyConfig, it_seed: int) -> list[str]:
+    """batch_size / num_generations task prompts, each repeated num_generations times in a
+    row (a group's completions are contiguous)."""
+    prompts = task.sample_prompts(cfg.batch_size // cfg.num_generations, random.Random(it_seed))
+    return [p for p in prompts for _ in range(cfg.num_generations)]
+
+
+def critic_free_policy(cfg: OnPolicyConfig) -> CriticFreePolicy:
+    """The trainable model of a critic-free method: the SFT policy alone."""
+    return CriticFreePolicy(load_policy(cfg.sft_dir))
+
+
+def sequence_advantages(batch: Rollout, advantages: torch.Tensor) -> torch.Tensor:
+    """One advantage per completion (B,) on each of its real tokens: (B, T)."""
+    return advantages[:, None] * batch.mask  # (B,) -> (B, T)
+
+
+def build_models(method: OnPolicyMethod, cfg: OnPolicyConfig, acc):
+    """The trainable model (prepared by `acc`, and unwrapped), its AdamW optimizer, the
+    frozen reference policy, the frozen reward model and the tokenizer."""
+    reward_model = freeze(load_reward_model(cfg.reward_dir))
+    model = method.build_model(cfg)
+    ref_model = freeze(load_policy(cfg.sft_dir))
+    tokenizer = load_tokenizer(cfg.sft_dir)
+    check_vocab(tokenizer, cfg.sft_dir, model.policy, reward_model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  # one fused kernel per step (FSDP keeps foreach)
+                                  fused=acc.distributed_type != DistributedType.FSDP)
+    model, optimizer = acc.prepare(model, optimizer)
+    return (model, acc.unwrap_model(model), optimizer, ref_model.to(acc.device),
+            reward_model.to(acc.device), tokenizer)
+
+
+def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
+    """Train with `method` for `cfg.max_steps` iterations; write the model, `metrics.jsonl`
+    and `summary.json` (gold/proxy before and after, KL to the reference, wall time)."""
+    acc, t0 = start_stage(cfg, method.stage)
+    task = get_task(cfg.task)
+    check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
+    model, unwrapped, optimizer, ref_model, reward_model, tokenizer = build_models(method, cfg,
+                                                                                  acc)
+    kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.beta))
+    args = SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
+    held_out = eval_prompts(task, cfg.n_eval_prompts)
+
+    def evaluate() -> dict:
+        return evaluate_policy(unwrapped.policy, tokenizer, task, held_out, args, cfg.seed,
+                               reward_model, ref_model)
+
+    ckpt, resumed, log = open_run(cfg, method.stage, acc, unwrapped, optimizer)
+    if resumed:
+        kl_ctl.load_state_dict(resumed["kl_ctl"])
+        before, start, warned = resumed["before"], resumed["step"], set(resumed["warned"])
+    else:
+        before, start, warned = evaluate(), 0, set()
+
+    def state() -> dict:  # what a checkpoint holds besides weights, optimizer and RNG
+        return {"kl_ctl": kl_ctl.state_dict(), "before": before, "warned": sorted(warned)}
+
+    bar = progress(cfg.max_steps, method.stage, acc.is_main_process, initial=start)
+    for it in range(start + 1, cfg.max_steps + 1):
+        # every iteration's draws are a function of (seed, iteration, process): resumable
+        it_seed = cfg.seed * 1_000_003 + it * 7919 + acc.process_index
+        gen = torch.Generator(device=acc.device).manual_seed(it_seed)
+        prompts = iteration_prompts(task, cfg, it_seed)
+        unwrapped.eval()
+        batch = collect_rollout(method, unwrapped, ref_model, reward_model, tokenizer, prompts,
+                                cfg, kl_ctl.value, gen)
+        bad = first_non_finite(scores=batch.scores, logprobs=batch.logprobs,
+                               ref_logprobs=batch.ref_logprobs, values=batch.values,
+                               advantages=batch.advantages)
+        if bad:  # nothing of this iteration is applied yet: save the state after it - 1
+            raise ckpt.fail(bad, it, state)
+        gold = task.gold_batch(prompts, decode_responses(tokenizer, batch.response_ids,
+                                                         batch.mask))
+        if cfg.inspect_steps and it % cfg.inspect_steps == 0 and acc.is_main_process:
+            write_training_snapshot(cfg.output_dir, it, batch, tokenizer, prompts, gold, cfg,
+                                    kl_ctl.value, stage=method.stage)
+        model.train()
+        try:
+            stats = update(method, model, optimizer, acc, batch, cfg, kl_ctl.value,
+                           torch.Generator().manual_seed(it_seed))
+        except NonFiniteUpdate as exc:
+            raise ckpt.fail(exc.quantity, it, None if exc.updated else state) from None
+        row = {**rollout_stats(batch, gold, tokenizer.eos_token_id), **stats, "beta": kl_ctl.value}
+        kl_ctl.update(row["kl"], cfg.batch_size)
+        warn_unhealthy(row, it, warned)
+        if cfg.eval_steps and it % cfg.eval_steps == 0 and it < cfg.max_steps:
+            ev = evaluate()
+            row.update(eval_gold=ev["gold_reward"], eval_proxy=ev["proxy_reward"],
+                       eval_kl=ev["kl_to_ref"])
+        if it % cfg.logging_steps == 0 or it == cfg.max_steps or "eval_gold" in row:
+            log.write(it, **row)
+        ckpt.maybe_save(it, state)
+        bar.set_postfix(score=f"{row['score']:.2f}", gold=f"{row['gold']:.2f}",
+                        kl=f"{row['kl']:.2f}")
+        bar.update(1)
+    bar.close()
+    return finish(cfg, acc, unwrapped, tokenizer, log, before, evaluate(), t0)
+
+
+def finish(cfg: OnPolicyConfig, acc, unwrapped, tokenizer, log, before: dict, after: dict,
+           t0: float) -> dict:
+    """The summary (the keys every on-policy and preference stage writes); the main process
+    saves the model, the tokenizer and `summary.json`."""
+    summary = {"gold_reward_before": before["gold_reward"], "gold_reward_after": after["gold_reward"],
+               "proxy_reward_before": before["proxy_reward"],
+               "proxy_reward_after": after["proxy_reward"], "kl_to_ref": after["kl_to_ref"],
+               "response_len": after["response_len"], "eos_frac": after["eos_frac"],
+               "wall_s": time.perf_counter() - t0}
+    if acc.is_main_process:
+        log.write(cfg.max_steps, eval_gold=after["gold_reward"], eval_proxy=after["proxy_reward"],
+                  eval_kl=after["kl_to_ref"])
+        unwrapped.save_pretrained(cfg.output_dir)
+        tokenizer.save_pretrained(cfg.output_dir)
+        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    return summary
