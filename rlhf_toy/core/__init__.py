@@ -18,7 +18,9 @@ from rlhf_toy.core.losses import (
     logprobs_from_logits,
     ppo_policy_loss,
     ppo_value_loss,
+    simpo_loss,
 )
+from rlhf_toy.core.preference import PREFERENCE_LOSSES, PreferenceLoss, implicit_token_rewards
 from rlhf_toy.core.returns import (
     discounted_returns,
     gae,
@@ -30,6 +32,8 @@ from rlhf_toy.core.returns import (
 
 __all__ = [
     "ESTIMATORS",
+    "PREFERENCE_LOSSES",
+    "PreferenceLoss",
     "AdaptiveKLController",
     "FixedKLController",
     "bradley_terry_loss",
@@ -37,6 +41,7 @@ __all__ = [
     "dpo_loss",
     "entropy_from_logits",
     "gae",
+    "implicit_token_rewards",
     "ipo_loss",
     "kl_per_token",
     "last_token_index",
@@ -46,5 +51,6 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "shape_rewards",
+    "simpo_loss",
     "whiten",
 ]
