@@ -274,6 +274,11 @@ class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
         check(self.inspect_steps >= 0, "inspect_steps", ">= 0", self.inspect_steps)
 
 
+# beta by loss type; SimPO's beta scales a length-normalized log-prob (another scale)
+DPO_BETAS = {"sigmoid": 0.5, "ipo": 0.5, "simpo": 2.0}
+SIMPO_GAMMA = 0.5
+
+
 @dataclass
 class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
     """DPO on the preference pairs, policy and frozen reference from SFT (Rafailov et al. 2023)."""
@@ -282,9 +287,16 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
     prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs); train split")
     reward_dir: str = _f("runs/default/reward", "reward model: proxy reward for evaluation only")
-    beta: float = _f(0.5, "DPO beta: strength of the implicit KL constraint to the reference")
-    loss: str = _f("sigmoid", "sigmoid (DPO, eq. 7) | ipo (Azar et al. 2023, eq. 17)")
-    label_smoothing: float = _f(0.0, "conservative DPO: assumed label-flip rate, in [0, 0.5)")
+    loss_type: str | None = _f(None, "sigmoid (DPO, eq. 7; the default) | ipo (Azar et al. "
+                                     "2023, eq. 17) | simpo (Meng et al. 2024, reference-free)")
+    loss: str | None = _f(None, "alias of loss_type (either name; both given must agree)")
+    beta: float | None = _f(None, "strength of the implicit KL constraint (simpo: scale of the "
+                                  "length-normalized reward); default per loss_type: "
+                                  + ", ".join(f"{k} {v:g}" for k, v in DPO_BETAS.items()))
+    label_smoothing: float = _f(0.0, "conservative DPO: assumed label-flip rate, in [0, 0.5); "
+                                     "sigmoid only")
+    simpo_gamma: float | None = _f(None, f"SimPO target reward margin gamma, >= 0; simpo only "
+                                         f"(default {SIMPO_GAMMA:g}, as TRL's CPOConfig)")
     learning_rate: float = _f(1e-3, "AdamW learning rate (peak, with lr_scheduler_type linear)")
     lr_scheduler_type: str = _f("linear", "linear (decay to 0 at max_steps, as TRL) | constant")
     batch_size: int = _f(32, "pairs per optimizer step (split over gradient_accumulation_steps)")
@@ -297,18 +309,38 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
         CommonConfig.__post_init__(self)
         self._check_sampling()
         self._check_train()
+        self._resolve_loss_type()
         _positive(self, "beta")
-        check(self.loss in ("sigmoid", "ipo"), "loss", "sigmoid or ipo", self.loss)
         check(self.lr_scheduler_type in ("linear", "constant"), "lr_scheduler_type",
               "linear or constant", self.lr_scheduler_type)
         check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)",
               self.label_smoothing)
-        check(self.loss == "sigmoid" or self.label_smoothing == 0.0, "label_smoothing",
-              "0 with loss ipo", self.label_smoothing)
+        check(self.loss_type == "sigmoid" or self.label_smoothing == 0.0, "label_smoothing",
+              f"0 with loss_type {self.loss_type}", self.label_smoothing)
         check(self.batch_size % self.gradient_accumulation_steps == 0, "batch_size",
               f"a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})",
               self.batch_size)
         check(self.eval_steps >= 0, "eval_steps", ">= 0", self.eval_steps)
+
+    def _resolve_loss_type(self) -> None:
+        """`loss` is an alias of `loss_type`: take whichever is given (sigmoid if neither),
+        then fill `beta` and `simpo_gamma` with the loss type's defaults where not given."""
+        allowed = ", ".join(DPO_BETAS)
+        for name in ("loss_type", "loss"):
+            value = getattr(self, name)
+            check(value is None or value in DPO_BETAS, name, f"one of {allowed}", value)
+        if self.loss_type is not None and self.loss is not None:
+            check(self.loss == self.loss_type, "loss", f"equal to loss_type ({self.loss_type}) "
+                  "when both are given (it is an alias)", self.loss)
+        self.loss_type = self.loss_type or self.loss or "sigmoid"
+        self.loss = None
+        if self.beta is None:
+            self.beta = DPO_BETAS[self.loss_type]
+        if self.loss_type == "simpo":
+            self.simpo_gamma = SIMPO_GAMMA if self.simpo_gamma is None else self.simpo_gamma
+            check(self.simpo_gamma >= 0, "simpo_gamma", ">= 0", self.simpo_gamma)
+        check(self.loss_type == "simpo" or self.simpo_gamma is None, "simpo_gamma",
+              f"unset with loss_type {self.loss_type} (it is SimPO's margin)", self.simpo_gamma)
 
 
 @dataclass

@@ -79,4 +79,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rloo", "on_policy", "rloo"),
     Method("reinforce_pp", "on_policy", "reinforce_pp"),
     Method("dpo", "preference", "dpo"),
+    Method("ipo", "preference", "dpo", ("--loss_type", "ipo")),
+    Method("simpo", "preference", "dpo", ("--loss_type", "simpo")),
 )}

@@ -13,13 +13,14 @@ import copy
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
 from datasets import Dataset
 
-from rlhf_toy.config import DPOConfig, parse_config
-from rlhf_toy.core import dpo_loss, ipo_loss
+from rlhf_toy.config import DPO_BETAS, SIMPO_GAMMA, DPOConfig, parse_config
+from rlhf_toy.core import PREFERENCE_LOSSES, dpo_loss, ipo_loss
 from rlhf_toy.data import load_preferences, select_batch, tokenize_pairs
 from rlhf_toy.errors import UsageError
 from rlhf_toy.models import build_policy, freeze, load_policy
@@ -58,15 +59,16 @@ def tiny_models():
     return tok, policy, freeze(ref)
 
 
-def _trl_batch(tok, policy, ref):
+def _trl_batch(tok, policy, ref, loss_type="sigmoid", beta=BETA):
     """TRL's DPOTrainer on PAIRS: its collated batch, per-pair log-probs, loss and metrics."""
     pytest.importorskip("trl")
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
     args = TRLDPOConfig(output_dir="unused", use_cpu=True, bf16=False,
-                        activation_checkpointing=False, beta=BETA, report_to=[],
-                        save_strategy="no", per_device_train_batch_size=len(PAIRS["prompt"]))
+                        activation_checkpointing=False, beta=beta, loss_type=loss_type,
+                        report_to=[], save_strategy="no",
+                        per_device_train_batch_size=len(PAIRS["prompt"]))
     # TRL patches forward on the model it is given: its own copies
     trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args,
                          train_dataset=Dataset.from_dict(PAIRS), processing_class=tok)
@@ -109,6 +111,65 @@ def test_matches_trl_dpo_trainer(tiny_models):
     assert accuracy == pytest.approx(trl_metrics["rewards/accuracies"])
 
 
+def _our_pairs(tok, model):
+    """Our summed log-probs (B,), (B,) of PAIRS and the response lengths (EOS included)."""
+    chosen = tokenize_pairs(tok, PAIRS["prompt"], [c.strip() for c in PAIRS["chosen"]])
+    rejected = tokenize_pairs(tok, PAIRS["prompt"], [r.strip() for r in PAIRS["rejected"]])
+    with torch.no_grad():
+        logps = pair_logps(model, chosen, rejected, tok.pad_token_id)
+    return logps, (chosen["response_mask"].sum(-1), rejected["response_mask"].sum(-1))
+
+
+def test_ipo_matches_trl_dpo_trainer(tiny_models):
+    """The registry's `ipo` is TRL 1.16's `DPOTrainer(loss_type="ipo")`: log-ratios averaged
+    over the completion tokens, then (h - 1 / (2 beta))^2; rewards beta * summed log-ratio.
+    Checked at two betas on the same pairs, loss and logged rewards."""
+    tok, policy, ref = tiny_models
+    (pc, pr), lengths = _our_pairs(tok, policy)
+    (rc, rr), _ = _our_pairs(tok, ref)
+    for beta in (0.5, 2.0):
+        _, trl_loss, trl_metrics = _trl_batch(tok, policy, ref, "ipo", beta)
+        losses, c_rew, r_rew = PREFERENCE_LOSSES["ipo"](pc, pr, rc, rr, *lengths, beta)
+        assert losses.mean().item() == pytest.approx(trl_loss, abs=1e-5)
+        assert c_rew.mean().item() == pytest.approx(trl_metrics["rewards/chosen"], abs=1e-5)
+        assert r_rew.mean().item() == pytest.approx(trl_metrics["rewards/rejected"], abs=1e-5)
+        # the summed (untruncated) form differs: the averaging is what TRL does
+        summed = ipo_loss(pc, pr, rc, rr, beta)[0].mean().item()
+        assert abs(summed - trl_loss) > 1e-2
+
+
+def test_simpo_matches_trl_cpo_trainer(tiny_models):
+    """The registry's `simpo` is TRL's `CPOTrainer(loss_type="simpo", cpo_alpha=0)` (which
+    is SimPO) on one fixed batch: per-pair average log-probs, loss and rewards. CPO puts a
+    BOS before the prompt when the tokenizer has one; ours does not, so TRL gets a copy of
+    the tokenizer without BOS."""
+    pytest.importorskip("trl")
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    tok, policy, _ = tiny_models
+    trl_tok = copy.deepcopy(tok)
+    trl_tok.bos_token = None
+    args = CPOConfig(output_dir="unused", use_cpu=True, bf16=False, loss_type="simpo",
+                     cpo_alpha=0.0, beta=2.0, simpo_gamma=0.7, max_length=64, report_to=[],
+                     save_strategy="no", per_device_train_batch_size=len(PAIRS["prompt"]))
+    trainer = CPOTrainer(model=copy.deepcopy(policy), args=args,
+                         train_dataset=Dataset.from_dict(PAIRS), processing_class=trl_tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS["prompt"]))])
+    with torch.no_grad():
+        trl_avg_c, trl_avg_r = trainer.concatenated_forward(trainer.model, batch)[:2]
+        trl_loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+
+    (pc, pr), (lc, lr) = _our_pairs(tok, policy)
+    torch.testing.assert_close(pc / lc, trl_avg_c.float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pr / lr, trl_avg_r.float(), atol=1e-5, rtol=0)
+    losses, c_rew, r_rew = PREFERENCE_LOSSES["simpo"](pc, pr, None, None, lc, lr, 2.0,
+                                                      simpo_gamma=0.7)
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    assert abs(trl_loss.item() - math.log1p(math.exp(0.7))) > 1e-2  # not the equal-average value
+    assert c_rew.mean().item() == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
+    assert r_rew.mean().item() == pytest.approx(metrics["rewards/rejected"], abs=1e-5)
+
+
 def test_loss_closed_forms():
     pc, pr, rc, rr = (torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.5))
     losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, beta=0.5)
@@ -142,14 +203,36 @@ def test_cached_reference_gives_the_recomputed_loss(tiny_models):
 
 @pytest.mark.parametrize("argv, message", [
     (["--beta", "0"], "beta must be > 0"),
-    (["--loss", "hinge"], "loss must be sigmoid or ipo"),
+    (["--loss", "hinge"], "loss must be one of sigmoid, ipo, simpo (got 'hinge')"),
+    (["--loss_type", "kto"], "loss_type must be one of sigmoid, ipo, simpo (got 'kto')"),
+    (["--loss", "ipo", "--loss_type", "simpo"], "loss must be equal to loss_type (simpo)"),
     (["--label_smoothing", "0.5"], "label_smoothing must be in [0, 0.5)"),
-    (["--loss", "ipo", "--label_smoothing", "0.1"], "label_smoothing must be 0 with loss ipo"),
+    (["--loss", "ipo", "--label_smoothing", "0.1"],
+     "label_smoothing must be 0 with loss_type ipo"),
+    (["--loss_type", "simpo", "--label_smoothing", "0.1"],
+     "label_smoothing must be 0 with loss_type simpo"),
+    (["--simpo_gamma", "1"], "simpo_gamma must be unset with loss_type sigmoid"),
+    (["--loss_type", "simpo", "--simpo_gamma", "-1"], "simpo_gamma must be >= 0"),
+    (["--loss_type", "simpo", "--beta", "0"], "beta must be > 0"),
     (["--lr_scheduler_type", "cosine"], "lr_scheduler_type must be linear or constant"),
 ])
 def test_config_rejects_bad_values(argv, message):
-    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace(")", r"\)")):
+    with pytest.raises(UsageError, match=re.escape(message)):
         parse_config(DPOConfig, argv)
+
+
+@pytest.mark.parametrize("argv, loss_type, beta, gamma", [
+    ([], "sigmoid", DPO_BETAS["sigmoid"], None),
+    (["--loss", "ipo"], "ipo", DPO_BETAS["ipo"], None),
+    (["--loss_type", "ipo", "--loss", "ipo", "--beta", "0.3"], "ipo", 0.3, None),
+    (["--loss_type", "simpo"], "simpo", DPO_BETAS["simpo"], SIMPO_GAMMA),
+    (["--loss_type", "simpo", "--simpo_gamma", "0", "--beta", "4"], "simpo", 4.0, 0.0),
+])
+def test_loss_type_alias_and_per_loss_defaults(argv, loss_type, beta, gamma):
+    """`--loss` is an alias of `--loss_type`; beta and simpo_gamma default per loss type."""
+    cfg = parse_config(DPOConfig, argv)
+    assert (cfg.loss_type, cfg.beta, cfg.simpo_gamma, cfg.loss) == (loss_type, beta, gamma, None)
+    assert set(DPO_BETAS) == set(PREFERENCE_LOSSES)
 
 
 def _dpo(tiny_run, out, *extra):

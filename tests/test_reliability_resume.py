@@ -96,10 +96,13 @@ def test_ppo_resume_is_bit_exact(tiny_run, tmp_path, monkeypatch):
     assert set(state["rng"]) >= {"python", "numpy", "torch"}
 
 
-def test_dpo_resume_is_bit_exact(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
+def test_dpo_resume_is_bit_exact(loss_type, tiny_run, tmp_path, monkeypatch):
+    """Also for the reference-free SimPO loss, whose run caches no reference log-probs."""
     root, _ = tiny_run
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    extra = [*DPO_TINY, "--prefs_dir", small_prefs(root, str(tmp_path / "prefs"))]
+    extra = [*DPO_TINY, "--prefs_dir", small_prefs(root, str(tmp_path / "prefs")),
+             "--loss_type", loss_type]
     run_stage("dpo", root, "--output_dir", full, *extra)
     _stopped_and_resumed("dpo", root, resumed, extra, monkeypatch)
     assert_same_run(full, resumed)

@@ -26,7 +26,9 @@ from rlhf_toy.core.losses import (
     ppo_policy_loss,
     ppo_value_loss,
     rloo_policy_loss,
+    simpo_loss,
 )
+from rlhf_toy.core.preference import PREFERENCE_LOSSES, PreferenceLoss, implicit_token_rewards
 from rlhf_toy.core.returns import (
     discounted_returns,
     gae,
@@ -38,6 +40,8 @@ from rlhf_toy.core.returns import (
 
 __all__ = [
     "ESTIMATORS",
+    "PREFERENCE_LOSSES",
+    "PreferenceLoss",
     "AdaptiveKLController",
     "FixedKLController",
     "bradley_terry_loss",
@@ -47,6 +51,7 @@ __all__ = [
     "gae",
     "grpo_policy_loss",
     "group_advantages",
+    "implicit_token_rewards",
     "ipo_loss",
     "kl_per_token",
     "last_token_index",
@@ -59,5 +64,6 @@ __all__ = [
     "rloo_advantages",
     "rloo_policy_loss",
     "shape_rewards",
+    "simpo_loss",
     "whiten",
 ]

@@ -1,4 +1,4 @@
-"""Losses: PPO (policy and value), the DPO family, Bradley-Terry; log-prob helpers.
+"""Losses: PPO (policy and value), the DPO family (DPO, IPO, SimPO), Bradley-Terry; log-prob helpers.
 
 Shapes: B batch, T response length, V vocabulary.
 
@@ -275,7 +275,8 @@ def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         losses = (h - 1 / (2 * beta))^2,     h as in `dpo_loss`
 
     The log-probs are used as given: TRL's `loss_type="ipo"` divides them by the number of
-    response tokens first; pass per-token averages to match it.
+    response tokens first; pass per-token averages to match it (as the `ipo` entry of
+    `core.PREFERENCE_LOSSES` does).
 
     Args:
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps:
@@ -292,6 +293,39 @@ def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     h, chosen_rewards, rejected_rewards = _margin_and_rewards(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     return (h - 1.0 / (2.0 * beta)).pow(2), chosen_rewards, rejected_rewards
+
+
+def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+               chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, beta: float,
+               simpo_gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO loss (Meng et al. 2024, "SimPO: Simple Preference Optimization with a
+    Reference-Free Reward", eq. 6): no reference model, length-normalized log-probs and a
+    target reward margin gamma:
+
+        avg_c  = pi_c / |y_c|,   avg_r = pi_r / |y_r|
+        losses = -log sigmoid(beta * (avg_c - avg_r) - gamma)
+
+    This is TRL's `CPOTrainer` with `loss_type="simpo"`, `cpo_alpha=0` (which averages the
+    log-probs over the completion tokens and subtracts `simpo_gamma / beta` from the
+    log-ratio before scaling by beta). At avg_c = avg_r every loss is softplus(gamma).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) policy log-probs, summed over each
+            response's tokens.
+        chosen_lengths, rejected_lengths: (B,) number of response tokens (EOS included), >= 1.
+        beta: > 0, the scale of the implicit reward beta * avg log-prob.
+        simpo_gamma: >= 0, the target margin gamma between chosen and rejected rewards.
+    Returns:
+        (losses, chosen_rewards, rejected_rewards), each (B,); the implicit rewards
+        beta * avg log-prob are detached.
+    """
+    _check_beta(beta)
+    if not simpo_gamma >= 0:
+        raise ValueError(f"simpo_gamma must be >= 0 (got {simpo_gamma})")
+    chosen_rewards = beta * policy_chosen_logps / chosen_lengths.clamp(min=1)  # (B,)
+    rejected_rewards = beta * policy_rejected_logps / rejected_lengths.clamp(min=1)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - simpo_gamma)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:

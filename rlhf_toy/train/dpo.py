@@ -1,4 +1,4 @@
-"""Stage `dpo`: Direct Preference Optimization on the preference pairs (Rafailov et al. 2023).
+"""Stage `dpo`: Direct Preference Optimization and its variants on the preference pairs.
 
 Shapes: N pairs in a split, B pairs in a batch, P prompt length (left-padded),
 T response length (right-padded, EOS included), V vocabulary.
@@ -6,11 +6,15 @@ T response length (right-padded, EOS included), V vocabulary.
 The policy and the frozen reference both start from the SFT checkpoint. A response's
 log-probability is summed over its tokens *including* the EOS that ends it, exactly as
 TRL's `DPOTrainer` does. The reference never changes, so its log-probs are computed once
-before training and cached: a step costs one policy forward over the 2B sequences.
+before training and cached (not at all for a reference-free loss): a step costs one
+policy forward over the 2B sequences.
 
-Loss (paper eq. 7), with h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)):
-`-log sigmoid(beta * h)`, mean over pairs (`core.dpo_loss`, or `core.ipo_loss`). The
-implicit reward of a response is `beta * (log pi - log ref)` (section 5).
+The loss is `core.PREFERENCE_LOSSES[cfg.loss_type]`, mean over pairs. The default,
+`sigmoid`, is DPO (Rafailov et al. 2023, eq. 7): with
+h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)), `-log sigmoid(beta * h)`, and the
+implicit reward of a response is `beta * (log pi - log ref)` (section 5). `ipo` (Azar et
+al. 2023) squares the distance of the per-token h to 1 / (2 beta); `simpo` (Meng et al.
+2024) needs no reference: `-log sigmoid(beta * (avg log pi(c) - avg log pi(r)) - gamma)`.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 
 from rlhf_toy.config import DPOConfig
-from rlhf_toy.core import dpo_loss, ipo_loss, logprobs_from_logits
+from rlhf_toy.core import PREFERENCE_LOSSES, logprobs_from_logits
 from rlhf_toy.data import load_preferences, select_batch, tokenize_preferences
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
 from rlhf_toy.models import freeze, load_policy, load_reward_model, response_logits
@@ -55,13 +60,14 @@ class PreferenceTensors:
         chosen, rejected: tokenized datasets (`data.tokenize_pairs`): `prompt_ids`,
             `prompt_mask` (N, P) and `response_ids`, `response_mask` (N, T); row i of
             each is the same pair.
-        ref_chosen, ref_rejected: (N,) reference log-probs summed over response tokens.
+        ref_chosen, ref_rejected: (N,) reference log-probs summed over response tokens;
+            None when the loss is reference-free.
     """
 
     chosen: dict[str, torch.Tensor]
     rejected: dict[str, torch.Tensor]
-    ref_chosen: torch.Tensor
-    ref_rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None
+    ref_rejected: torch.Tensor | None
     _host_masks: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -144,23 +150,30 @@ def precompute_reference_logps(ref_model, chosen: dict, rejected: dict, pad_toke
 
 
 def preference_tensors(split, tokenizer, ref_model, device, truncate_prompts: bool = False,
-                       what: str = "the preference pairs") -> PreferenceTensors:
-    """Tokenize a split of prompt/chosen/rejected pairs and cache its reference log-probs.
+                       what: str = "the preference pairs",
+                       reference_free: bool = False) -> PreferenceTensors:
+    """Tokenize a split of prompt/chosen/rejected pairs and cache its reference log-probs
+    (none with `reference_free`).
 
     Pairs longer than the reference's context are an error, or with `truncate_prompts`
     keep their prompts' last tokens (`data.tokenize_preferences`)."""
     chosen, rejected = tokenize_preferences(tokenizer, split, device,
                                             ref_model.config.n_positions, truncate_prompts, what)
+    if reference_free:
+        return PreferenceTensors(chosen, rejected, None, None)
     ref_c, ref_r = precompute_reference_logps(ref_model, chosen, rejected,
                                               tokenizer.pad_token_id)
     return PreferenceTensors(chosen, rejected, ref_c, ref_r)
 
 
+def loss_extras(cfg: DPOConfig) -> dict[str, Any]:
+    """The keyword extras of `cfg.loss_type`'s registry entry, read from the config."""
+    return {name: getattr(cfg, name) for name in PREFERENCE_LOSSES[cfg.loss_type].extras}
+
+
 def loss_fn(cfg: DPOConfig):
-    """`core.dpo_loss` (with label smoothing) or `core.ipo_loss`, with beta bound."""
-    if cfg.loss == "ipo":
-        return partial(ipo_loss, beta=cfg.beta)
-    return partial(dpo_loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+    """`core.PREFERENCE_LOSSES[cfg.loss_type]` with beta and the loss's extras bound."""
+    return partial(PREFERENCE_LOSSES[cfg.loss_type], beta=cfg.beta, **loss_extras(cfg))
 
 
 class LazyStats(Mapping):
@@ -191,15 +204,20 @@ def batch_loss(model, data: PreferenceTensors, index: torch.Tensor, loss,
                pad_token_id: int) -> tuple[torch.Tensor, LazyStats]:
     """Mean preference loss of pairs `index` and its diagnostics (implicit rewards).
 
+    Args:
+        loss: a `core.PREFERENCE_LOSSES` entry with beta and extras bound (`loss_fn`).
     Returns:
         (loss (scalar, differentiable), stats): a read-only mapping to floats, computed on
         first read (`LazyStats`): `chosen_rewards`, `rejected_rewards` (batch means),
         `reward_accuracy` (ties count 1/2), `reward_margin`, `logps_chosen`, `logps_rejected`.
     """
-    policy_c, policy_r = pair_logps(model, *data.select(index), pad_token_id)
-    index = index.to(data.ref_chosen.device)
-    losses, chosen_rewards, rejected_rewards = loss(policy_c, policy_r, data.ref_chosen[index],
-                                                    data.ref_rejected[index])
+    chosen, rejected = data.select(index)
+    policy_c, policy_r = pair_logps(model, chosen, rejected, pad_token_id)
+    index = index.to(policy_c.device)
+    ref_c, ref_r = ((None, None) if data.ref_chosen is None
+                    else (data.ref_chosen[index], data.ref_rejected[index]))
+    lengths = (chosen["response_mask"].sum(-1), rejected["response_mask"].sum(-1))  # (B,) each
+    losses, chosen_rewards, rejected_rewards = loss(policy_c, policy_r, ref_c, ref_r, *lengths)
     c, r = chosen_rewards.detach(), rejected_rewards.detach()
     pc, pr = policy_c.detach(), policy_r.detach()
 
@@ -252,7 +270,8 @@ class DPOContext:
 
 def build_context(cfg: DPOConfig, acc) -> DPOContext:
     """Load the frozen reference and reward model, tokenize both splits, cache reference
-    log-probs (under the same autocast as the policy's forward)."""
+    log-probs (under the same autocast as the policy's forward; none for a reference-free
+    loss, whose reference model serves the KL of the evaluation only)."""
     task = get_task(cfg.task)
     check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
     prefs = load_preferences(cfg.prefs_dir)
@@ -262,7 +281,8 @@ def build_context(cfg: DPOConfig, acc) -> DPOContext:
     check_vocab(tokenizer, cfg.sft_dir, ref_model, reward_model)
     with acc.autocast():
         train, test = (preference_tensors(prefs[split], tokenizer, ref_model, acc.device,
-                                          cfg.truncate_prompts, f"{cfg.prefs_dir} ({split})")
+                                          cfg.truncate_prompts, f"{cfg.prefs_dir} ({split})",
+                                          PREFERENCE_LOSSES[cfg.loss_type].reference_free)
                        for split in ("train", "test"))
     return DPOContext(task, tokenizer, ref_model, reward_model, train, test,
                       eval_prompts(task, cfg.n_eval_prompts),
@@ -280,11 +300,13 @@ def evaluate(model, ctx: DPOContext, cfg: DPOConfig) -> dict[str, float]:
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
-    """Train the SFT policy with DPO on the `prefs` train split; see the module docstring.
+    """Train the SFT policy with `cfg.loss_type` on the `prefs` train split; see the
+    module docstring.
 
     Returns:
         summary: `gold_reward_before/after`, `proxy_reward_before/after`, `kl_to_ref`,
-        `eval_accuracy` (held-out implicit-reward pair accuracy), `eval_loss`, `wall_s`, ...
+        `eval_accuracy` (held-out implicit-reward pair accuracy), `eval_loss`, `loss_type`,
+        `wall_s`, ...
     """
     acc, t0 = start_stage(cfg, "dpo")
     ctx = build_context(cfg, acc)
@@ -316,7 +338,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
             draw = ((step - 1) * gas + k) * acc.num_processes + acc.process_index
             idx = batch_indices(len(ctx.train), micro, draw, cfg.seed)
             with acc.accumulate(model):
-                # 2. policy log-probs of chosen and rejected, cached reference, DPO loss
+                # 2. policy log-probs of chosen and rejected, cached reference, preference loss
                 value, stats = batch_loss(model, ctx.train, idx, loss, pad)
                 # 3. backward, clip, step (accelerate steps once per accumulation cycle)
                 acc.backward(value)
@@ -354,7 +376,8 @@ def _finish(cfg: DPOConfig, acc, model, ctx: DPOContext, log: MetricsLog,
                "eval_accuracy_before": before["eval_accuracy"],
                "eval_accuracy": after["eval_accuracy"], "eval_loss": after["eval_loss"],
                "response_len": after["response_len"], "eos_frac": after["eos_frac"],
-               "train_pairs": len(ctx.train), "wall_s": time.perf_counter() - t0}
+               "train_pairs": len(ctx.train), "loss_type": cfg.loss_type,
+               "wall_s": time.perf_counter() - t0}
     if acc.is_main_process:
         log.write(cfg.max_steps, **last_row, **after)
         model.save_pretrained(cfg.output_dir)
