@@ -99,16 +99,20 @@ def test_bad_values_are_usage_errors(cls, argv, message):
         parse_config(cls, argv)
 
 
-# margins: the lowest improvement over seeds 0-2 on the tiny run, halved (README numbers)
-E2E_MIN_GAIN = {"grpo": 0.3, "rloo": 0.3, "reinforce_pp": 0.3}
+# Proxy (reward-model) gains of this test's run at training seeds 0, 1, 2 on the tiny
+# pipeline: grpo 1.03 / 0.91 / 1.04, rloo 1.21 / 1.16 / 1.07, reinforce_pp 1.04 / 0.88 /
+# 1.04; gold gains at least 0.05. The margins are about half the smallest.
+E2E_MIN_GAIN = {"grpo": 0.45, "rloo": 0.5, "reinforce_pp": 0.4}
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_end_to_end_raises_the_reward_model_score(stage, tiny_run, tmp_path):
+    """12 iterations of 32 rollouts (PPO's end-to-end test budget), the stage's defaults."""
     out, _ = tiny_run
     summary = run_stage(stage, out, "--max_steps", "12", "--batch_size", "32",
                         "--mini_batch_size", "16", "--output_dir", str(tmp_path / stage))
     assert summary["proxy_reward_after"] > summary["proxy_reward_before"] + E2E_MIN_GAIN[stage]
+    assert summary["gold_reward_after"] > summary["gold_reward_before"] + 0.02
     assert 0.0 < summary["kl_to_ref"] < 50.0
     rows = [json.loads(line) for line in open(tmp_path / stage / "metrics.jsonl")]
     assert {"score", "gold", "kl", "policy_loss", "clip_frac", "entropy", "eos_frac"} <= set(rows[0])

@@ -32,7 +32,9 @@ class GRPOConfig(OnPolicyConfig):
 
     num_generations: int = _f(4, "G: completions per prompt, the group a reward is "
                                  "normalized in (>= 2)")
-    beta: float = _f(0.04, "KL coefficient (the paper's and TRL's 0.04)")
+    beta: float = _f(0.2, "KL coefficient (the paper uses 0.04; 0.2 keeps the tiny policy "
+                          "from over-optimizing the reward model here)")
+    ppo_epochs: int = _f(2, "passes over each rollout batch")
     kl_in: str = _f("loss", "where the KL to the reference goes: loss (beta * k3 per token in "
                             "the loss, as the paper) | reward (beta * kl_estimator summed "
                             "over the completion, subtracted from its score)")

@@ -23,6 +23,9 @@ class ReinforcePPConfig(OnPolicyConfig):
     """REINFORCE++: token-level KL reward, globally whitened returns-to-go, no critic."""
 
     gamma: float = _f(1.0, "discount of the returns-to-go over response tokens")
+    learning_rate: float = _f(5e-4, "AdamW learning rate (half PPO's: without a critic's "
+                                    "baseline the updates are noisier)")
+    ppo_epochs: int = _f(2, "passes over each rollout batch")
 
     def __post_init__(self) -> None:
         OnPolicyConfig.__post_init__(self)
