@@ -32,10 +32,11 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from rlhf_toy.core import dpo_loss
+from rlhf_toy.core import PREFERENCE_LOSSES
 from rlhf_toy.lean_gpt2 import cuda_graphs_enabled
 from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
 from rlhf_toy.rollout import encode_prompts, sample
@@ -393,8 +394,7 @@ def bench_dpo(st: Setup, peak_flops: float) -> dict:
     real = sum(chosen[k].sum(-1) + rejected[k].sum(-1)
                for k in ("prompt_mask", "response_mask")).cpu()  # (N,) real tokens per pair
 
-    def loss(pc, pr, rc, rr):
-        return dpo_loss(pc, pr, rc, rr, beta=0.1)
+    loss = partial(PREFERENCE_LOSSES["sigmoid"], beta=0.1)  # as run_dpo's loss_fn
 
     def ours():
         index = torch.arange(step[0] * s.batch_size, (step[0] + 1) * s.batch_size)

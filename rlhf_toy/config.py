@@ -274,9 +274,18 @@ class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
         check(self.inspect_steps >= 0, "inspect_steps", ">= 0", self.inspect_steps)
 
 
-# beta by loss type; SimPO's beta scales a length-normalized log-prob (another scale)
-DPO_BETAS = {"sigmoid": 0.5, "ipo": 0.5, "simpo": 2.0}
-SIMPO_GAMMA = 0.5
+# Defaults of the dpo stage by loss type (README, "IPO and SimPO": each measured to raise
+# held-out gold on the default pipeline). SimPO's beta scales a length-normalized log-prob,
+# and with no reference to hold it, it needs a smaller learning rate; gamma is TRL's.
+LOSS_TYPE_DEFAULTS = {
+    "sigmoid": {"beta": 0.5, "learning_rate": 1e-3},
+    "ipo": {"beta": 1.0, "learning_rate": 1e-3},
+    "simpo": {"beta": 2.5, "learning_rate": 1e-4, "simpo_gamma": 0.5},
+}
+
+
+def _defaults_help(name: str) -> str:
+    return ", ".join(f"{k} {v[name]:g}" for k, v in LOSS_TYPE_DEFAULTS.items() if name in v)
 
 
 @dataclass
@@ -291,13 +300,16 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
                                      "2023, eq. 17) | simpo (Meng et al. 2024, reference-free)")
     loss: str | None = _f(None, "alias of loss_type (either name; both given must agree)")
     beta: float | None = _f(None, "strength of the implicit KL constraint (simpo: scale of the "
-                                  "length-normalized reward); default per loss_type: "
-                                  + ", ".join(f"{k} {v:g}" for k, v in DPO_BETAS.items()))
+                                  "length-normalized reward); default by loss_type: "
+                                  + _defaults_help("beta"))
     label_smoothing: float = _f(0.0, "conservative DPO: assumed label-flip rate, in [0, 0.5); "
                                      "sigmoid only")
-    simpo_gamma: float | None = _f(None, f"SimPO target reward margin gamma, >= 0; simpo only "
-                                         f"(default {SIMPO_GAMMA:g}, as TRL's CPOConfig)")
-    learning_rate: float = _f(1e-3, "AdamW learning rate (peak, with lr_scheduler_type linear)")
+    simpo_gamma: float | None = _f(None, "SimPO target reward margin gamma, >= 0; simpo only "
+                                         "(default " + _defaults_help("simpo_gamma") +
+                                         ", as TRL's CPOConfig)")
+    learning_rate: float | None = _f(None, "AdamW learning rate (peak, with lr_scheduler_type "
+                                           "linear); default by loss_type: "
+                                           + _defaults_help("learning_rate"))
     lr_scheduler_type: str = _f("linear", "linear (decay to 0 at max_steps, as TRL) | constant")
     batch_size: int = _f(32, "pairs per optimizer step (split over gradient_accumulation_steps)")
     max_steps: int = _f(300, "optimizer steps")
@@ -307,9 +319,9 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
 
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)
+        self._resolve_loss_type()
         self._check_sampling()
         self._check_train()
-        self._resolve_loss_type()
         _positive(self, "beta")
         check(self.lr_scheduler_type in ("linear", "constant"), "lr_scheduler_type",
               "linear or constant", self.lr_scheduler_type)
@@ -324,23 +336,23 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
 
     def _resolve_loss_type(self) -> None:
         """`loss` is an alias of `loss_type`: take whichever is given (sigmoid if neither),
-        then fill `beta` and `simpo_gamma` with the loss type's defaults where not given."""
-        allowed = ", ".join(DPO_BETAS)
+        then fill the fields not given with the loss type's `LOSS_TYPE_DEFAULTS`."""
+        allowed = ", ".join(LOSS_TYPE_DEFAULTS)
         for name in ("loss_type", "loss"):
             value = getattr(self, name)
-            check(value is None or value in DPO_BETAS, name, f"one of {allowed}", value)
+            check(value is None or value in LOSS_TYPE_DEFAULTS, name, f"one of {allowed}", value)
         if self.loss_type is not None and self.loss is not None:
             check(self.loss == self.loss_type, "loss", f"equal to loss_type ({self.loss_type}) "
                   "when both are given (it is an alias)", self.loss)
         self.loss_type = self.loss_type or self.loss or "sigmoid"
         self.loss = None
-        if self.beta is None:
-            self.beta = DPO_BETAS[self.loss_type]
-        if self.loss_type == "simpo":
-            self.simpo_gamma = SIMPO_GAMMA if self.simpo_gamma is None else self.simpo_gamma
-            check(self.simpo_gamma >= 0, "simpo_gamma", ">= 0", self.simpo_gamma)
         check(self.loss_type == "simpo" or self.simpo_gamma is None, "simpo_gamma",
               f"unset with loss_type {self.loss_type} (it is SimPO's margin)", self.simpo_gamma)
+        for name, value in LOSS_TYPE_DEFAULTS[self.loss_type].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.loss_type == "simpo":
+            check(self.simpo_gamma >= 0, "simpo_gamma", ">= 0", self.simpo_gamma)
 
 
 @dataclass
