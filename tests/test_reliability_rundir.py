@@ -236,3 +236,28 @@ def test_non_finite_weights_are_never_saved_as_good(tmp_path, capsys, monkeypatc
         weights = load_file(os.path.join(path, "model.safetensors"))
         assert all(torch.isfinite(w).all() for w in weights.values()), path
     assert not (out / "summary.json").exists()
+
+
+def test_progress_in_a_log_file_prints_lines_without_carriage_returns(capsys, monkeypatch):
+    """stderr is not a terminal here (pytest captures it): plain lines, at most one per
+    interval, and none with a carriage return."""
+    from rlhf_toy.train.common import LineProgress, progress
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    bar = progress(3, "sft")
+    assert isinstance(bar, LineProgress)
+    bar.interval = 0.0
+    bar.set_postfix(loss="1.250")
+    bar.update(1)
+    bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert err == "sft: 1/3 loss=1.250\nsft: 2/3 loss=1.250\n"
+
+
+def test_negative_flag_help_says_what_it_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["ppo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("--no_whiten_advantages, --no-whiten-advantages set whiten_advantages to false "
+            "(same as --whiten_advantages false) --missing_eos_penalty") in out
