@@ -128,6 +128,8 @@ class TrainConfig:
 class SFTConfig(CommonConfig, SamplingConfig, TrainConfig):
     """Supervised fine-tuning of the tiny GPT on the task's corpus."""
 
+    output_dir: str = _f("runs/default/sft", "directory this stage writes its artifacts into")
+
     n_layer: int = _f(2, "transformer blocks")
     n_embd: int = _f(64, "embedding width")
     n_head: int = _f(4, "attention heads")
@@ -147,6 +149,8 @@ class SFTConfig(CommonConfig, SamplingConfig, TrainConfig):
 class PrefsConfig(CommonConfig, SamplingConfig):
     """Preference pairs sampled from the SFT policy and labelled by the gold reward."""
 
+    output_dir: str = _f("runs/default/prefs", "directory this stage writes its artifacts into")
+
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint to sample responses from")
     n_pairs: int = _f(8000, "preference pairs (train + test)")
     test_fraction: float = _f(0.2, "held-out fraction of the pairs")
@@ -164,6 +168,8 @@ class PrefsConfig(CommonConfig, SamplingConfig):
 @dataclass
 class RewardConfig(CommonConfig, TrainConfig):
     """Reward model: GPT-2 backbone (from SFT) plus a scalar head, Bradley-Terry loss."""
+
+    output_dir: str = _f("runs/default/reward", "directory this stage writes its artifacts into")
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint whose backbone initialises the reward model")
     prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs)")
@@ -277,6 +283,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
     """What every on-policy stage shares (`ppo`, `grpo`, `rloo`, `reinforce_pp`): sampling,
     the KL to the frozen SFT reference, the clipped update and its schedule."""
+
+    output_dir: str = _f("runs/default/ppo", "directory this stage writes its artifacts into")
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
     reward_dir: str = _f("runs/default/reward", "reward model checkpoint (frozen)")

@@ -192,7 +192,8 @@ def test_finished_ppo_run_continues_bit_for_bit(tiny_run, tmp_path):
     assert record["max_steps"] == 4
     (entry,) = record["history"]
     assert entry["step"] == 2 and entry["config"]["max_steps"] == 2
-    assert entry["resumed_from"].endswith("checkpoint-2") and entry["changed"] == {}
+    assert entry["resumed_from"].endswith("checkpoint-2")
+    assert entry["changed"] == {"max_steps": {"from": 2, "to": 4}}
 
 
 def test_resume_applies_a_new_learning_rate_and_records_it(tmp_path):
@@ -209,7 +210,8 @@ def test_resume_applies_a_new_learning_rate_and_records_it(tmp_path):
                     "--resume_from_checkpoint", "latest") == 0
         runs[lr] = load_file(str(out / "model.safetensors"))
     changed = json.load(open(tmp_path / "lr0.01" / "run_config.json"))["history"][-1]["changed"]
-    assert changed == {"learning_rate": {"from": 0.001, "to": 0.01}}
+    assert changed == {"learning_rate": {"from": 0.001, "to": 0.01},
+                       "max_steps": {"from": 2, "to": 3}}
     assert not all(torch.equal(runs["0.001"][k], runs["0.01"][k]) for k in runs["0.001"])
 
 

@@ -191,8 +191,7 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
 
 # fields that may differ between a checkpoint's run and the run resuming it
 _RESUME_MAY_CHANGE = {"output_dir", "resume_from_checkpoint", "save_steps", "logging_steps",
-                      "device", "sft_dir", "reward_dir", "prefs_dir", "overwrite_output_dir",
-                      "max_steps"}
+                      "device", "sft_dir", "reward_dir", "prefs_dir", "overwrite_output_dir"}
 # fields that decide which weights a checkpoint holds: resuming with another value is refused
 _RESUME_MUST_MATCH = ("critic", "n_layer", "n_embd", "n_head", "n_positions")
 
@@ -240,9 +239,12 @@ class Checkpointer:
         if self.acc.is_main_process:
             print(f"{self.stage}: resuming from {path} (step {state['step']} of "
                   f"{self.cfg.max_steps})", file=sys.stderr, flush=True)
-        if changed:  # allowed, but the result is no longer the uninterrupted run's
+        # a longer run is the uninterrupted one unless a schedule depends on max_steps
+        differ = [k for k in changed if k != "max_steps"
+                  or getattr(self.cfg, "lr_scheduler_type", "constant") != "constant"]
+        if differ:  # allowed, but the result is no longer the uninterrupted run's
             logger.warning("resuming with settings that differ from the checkpoint's: %s",
-                           ", ".join(changed))
+                           ", ".join(differ))
         run = current_run(self.cfg.output_dir)
         if run is not None:
             run.resumed = {"resumed_from": path, "step": state["step"], "changed": changed,

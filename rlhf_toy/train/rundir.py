@@ -129,10 +129,11 @@ class RunDir:
 
     def _retire(self, keep_until: int | None) -> None:
         """Remove an earlier run's files. Resuming (`keep_until` = the resume step) keeps
-        the checkpoints up to it, the metrics and the run config; else only the lock stays."""
+        the checkpoints up to it, the metrics, the run config and the training snapshots
+        (later ones are rewritten as the run reaches them); else only the lock stays."""
         from rlhf_toy.train.checkpoint import checkpoint_step
 
-        keep = {LOCK_FILE} if keep_until is None else {LOCK_FILE, RUN_CONFIG, METRICS}
+        keep = {LOCK_FILE} if keep_until is None else {LOCK_FILE, RUN_CONFIG, METRICS, "inspect"}
         for name in os.listdir(self.path):
             step = checkpoint_step(name)
             if name in keep or (keep_until is not None and step is not None
