@@ -27,7 +27,7 @@ from rlhf_toy.train.rundir import LOCK_FILE
 SFT_TINY = ["--max_steps", "2", "--n_train", "64", "--n_eval", "16", "--n_eval_prompts", "8",
             "--batch_size", "16", "--logging_steps", "1", "--device", "cpu"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
-       "OMP_NUM_THREADS": "1"}
+       "OMP_NUM_THREADS": "2"}  # as conftest: the same sums in every process
 
 
 def _snapshot(path) -> dict[str, bytes]:
