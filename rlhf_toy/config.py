@@ -284,7 +284,6 @@ class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
     """What every on-policy stage shares (`ppo`, `grpo`, `rloo`, `reinforce_pp`): sampling,
     the KL to the frozen SFT reference, the clipped update and its schedule."""
 
-    output_dir: str = _f("runs/default/ppo", "directory this stage writes its artifacts into")
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
     reward_dir: str = _f("runs/default/reward", "reward model checkpoint (frozen)")

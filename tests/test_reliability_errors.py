@@ -385,17 +385,17 @@ def test_non_finite_weights_reach_the_sampler_and_the_guard_names_them(tiny_run,
     run at the next rollout naming the quantity and step, and the checkpoint it points to
     is the finite one of step 1 (the NaN state is never saved as good)."""
     root, _ = tiny_run
-    real, calls = ppo_module.collect_rollout, {"n": 0}
+    real, calls = onpolicy_module.collect_rollout, {"n": 0}
 
-    def nan_weights_then_rollout(model, *args, **kwargs):
+    def nan_weights_then_rollout(method, model, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:  # the weights after iteration 1's update, as if it overflowed
             with torch.no_grad():
                 for p in model.parameters():
                     p.fill_(float("nan"))
-        return real(model, *args, **kwargs)
+        return real(method, model, *args, **kwargs)
 
-    monkeypatch.setattr(ppo_module, "collect_rollout", nan_weights_then_rollout)
+    monkeypatch.setattr(onpolicy_module, "collect_rollout", nan_weights_then_rollout)
     out = str(tmp_path / "ppo")
     with pytest.raises(NonFiniteError, match=r"non-finite logprobs at step 2; training stopped, "
                                              r"last good checkpoint: .*checkpoint-1$"):
