@@ -97,7 +97,8 @@ def test_yaml_table(text, message, tmp_path, capsys):
 
 def test_several_config_files_merge_in_order(tmp_path):
     """`--config a --config b`: b wins over a, the command line over both."""
-    from rlhf_toy.config import PPOConfig, parse_config
+    from rlhf_toy.config import parse_config
+    from rlhf_toy.train.ppo import PPOConfig
 
     (tmp_path / "a.yaml").write_text("beta: 0.1\ngamma: 0.9\nlam: 0.5\n")
     (tmp_path / "b.yaml").write_text("beta: 0.3\ngamma: 0.8\n")
