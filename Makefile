@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/rlhf-toy pipeline --output_dir $(RUN_DIR) --seed $(SEED)
+	$(BIN)/rlhf-toy pipeline --output_dir $(RUN_DIR) --seed $(SEED) --overwrite_output_dir
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from rlhf_toy.config import parse_config
-from rlhf_toy.errors import NonFiniteError, UsageError
+from rlhf_toy.errors import NonFiniteError, StorageError, UsageError
 from rlhf_toy.methods import STAGES
 
 
@@ -38,6 +38,8 @@ class PipelineConfig:
     config_dir: str = dataclasses.field(
         default="", metadata={"help": "directory of per-stage YAML files (e.g. configs/gpu)"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    overwrite_output_dir: bool = dataclasses.field(
+        default=False, metadata={"help": "replace the stages of an earlier pipeline run"})
 
     def __post_init__(self) -> None:
         from rlhf_toy.tasks import TASKS
@@ -56,7 +58,8 @@ def _stage_argv(pipe: PipelineConfig, stage: str, cls: type) -> list[str]:
     if yaml_file and os.path.isfile(yaml_file):
         argv += ["--config", yaml_file]
     argv += ["--output_dir", os.path.join(pipe.output_dir, stage), "--seed", str(pipe.seed),
-             "--task", pipe.task, "--device", pipe.device]
+             "--task", pipe.task, "--device", pipe.device,
+             "--overwrite_output_dir", str(pipe.overwrite_output_dir).lower()]
     names = {f.name for f in dataclasses.fields(cls)}
     for name, source in STAGE_INPUTS.items():
         if name in names:
@@ -89,6 +92,9 @@ USAGE = ("usage: rlhf-toy STAGE [--config FILE] [--key value ...]\n"
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not sys.stderr.isatty():  # no carriage-return bars of datasets / hub in a log file
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"rlhf-toy: error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteError as exc:  # a numerical fault, not bad input: exit 1, still one line
+    except (NonFiniteError, StorageError) as exc:  # a fault, not bad input: exit 1, one line
         print(f"rlhf-toy: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `rlhf-toy inspect ... | head`: the reader left, nothing is wrong

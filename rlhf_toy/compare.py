@@ -30,8 +30,9 @@ from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy, win_r
 from rlhf_toy.models import freeze, load_policy, load_reward_model
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
-from rlhf_toy.train.common import read_run_config, start_stage, write_json
+from rlhf_toy.train.common import finish_stage, read_run_config, start_stage
 from rlhf_toy.train.ppo import PPOConfig
+from rlhf_toy.train.rundir import commit_run
 
 METHOD_KEYS = ("gold_reward", "proxy_reward", "kl_to_ref", "win_rate_vs_ref", "response_len")
 METHODS = ("ppo", "dpo")
@@ -103,7 +104,7 @@ def _same_as_main(run_cfg, main_dir: str) -> bool:
     """True when the main run was trained with exactly these settings (then it is reused)."""
     recorded = read_run_config(main_dir)
     skip = {"output_dir", "eval_steps", "save_steps", "n_eval_prompts", "logging_steps",
-            "inspect_steps", "resume_from_checkpoint"}
+            "inspect_steps", "resume_from_checkpoint", "overwrite_output_dir"}
     return bool(recorded) and all(recorded.get(k) == v for k, v in dataclasses.asdict(run_cfg)
                                   .items() if k not in skip)
 
@@ -275,6 +276,8 @@ def run_compare(cfg: CompareConfig) -> dict:
         `<method>_gold_reward`, `<method>_kl_to_ref`; `wall_s`.
     """
     acc, t0 = start_stage(cfg, "compare")
+    if acc.is_main_process:  # the sweep writes into output_dir/sweep/ from here on
+        commit_run(cfg.output_dir)
     evaluator = Evaluator(cfg, acc.device)
     summary: dict = {"seed": cfg.seed, "task": cfg.task, "n_eval_prompts": cfg.n_eval_prompts}
     # 1. the reference and the two main runs, on the same prompts and sampling seed
@@ -301,5 +304,5 @@ def run_compare(cfg: CompareConfig) -> dict:
                              summary["plots"]["training_curves"])
         with open(summary["report"], "w") as fh:
             fh.write(report_markdown(summary))
-        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    finish_stage(cfg, acc, None, None, summary)
     return summary

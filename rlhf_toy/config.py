@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,18 @@ def check(condition: bool, name: str, allowed: str, value: Any) -> None:
     """Raise `UsageError("NAME must be ALLOWED (got VALUE)")` unless `condition`."""
     if not condition:
         raise UsageError(f"{name} must be {allowed} (got {value!r})")
+
+
+MAX_BETA = 1e3  # a KL coefficient (or DPO beta) beyond this only overflows the losses
+
+
+def _finite(cfg: Any) -> None:
+    """Every float field (and every float in a list field) is a finite number."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float):
+                check(math.isfinite(v), f.name, "a finite number", value)
 
 
 def _positive(cfg: Any, *names: str) -> None:
@@ -56,10 +69,14 @@ class CommonConfig:
     task: str = _f("sentiment", "toy task name (see `rlhf-toy tasks`)")
     device: str = _f("auto", "auto | cpu | cuda")
     mixed_precision: str = _f("no", "accelerate mixed precision: no | fp16 | bf16")
+    overwrite_output_dir: bool = _f(False, "replace an earlier run in output_dir (refused "
+                                           "otherwise, unless resuming)")
 
     def __post_init__(self) -> None:
         from rlhf_toy.tasks import TASKS
 
+        _finite(self)
+        check(0 <= self.seed < 2**32, "seed", "in [0, 2**32 - 1]", self.seed)
         check(self.task in TASKS, "task", f"one of {sorted(TASKS)}", self.task)
         check(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", self.device)
         check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision",
@@ -78,7 +95,8 @@ class SamplingConfig:
     n_eval_prompts: int = _f(128, "held-out prompts used for gold/proxy reward evaluation")
 
     def _check_sampling(self) -> None:
-        _positive(self, "max_new_tokens", "temperature", "n_eval_prompts")
+        _positive(self, "max_new_tokens", "n_eval_prompts")
+        check(0.01 <= self.temperature <= 100, "temperature", "in [0.01, 100]", self.temperature)
         check(self.top_k >= 0, "top_k", ">= 0", self.top_k)
 
 
@@ -99,8 +117,9 @@ class TrainConfig:
                                          "output_dir; empty = start fresh")
 
     def _check_train(self) -> None:
-        _positive(self, "learning_rate", "batch_size", "gradient_accumulation_steps",
-                  "max_steps", "max_grad_norm", "logging_steps")
+        _positive(self, "batch_size", "gradient_accumulation_steps", "max_steps",
+                  "max_grad_norm", "logging_steps")
+        check(0 < self.learning_rate <= 1, "learning_rate", "in (0, 1]", self.learning_rate)
         check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
         check(self.save_steps >= 0, "save_steps", ">= 0", self.save_steps)
 
@@ -108,6 +127,8 @@ class TrainConfig:
 @dataclass
 class SFTConfig(CommonConfig, SamplingConfig, TrainConfig):
     """Supervised fine-tuning of the tiny GPT on the task's corpus."""
+
+    output_dir: str = _f("runs/default/sft", "directory this stage writes its artifacts into")
 
     n_layer: int = _f(2, "transformer blocks")
     n_embd: int = _f(64, "embedding width")
@@ -128,6 +149,8 @@ class SFTConfig(CommonConfig, SamplingConfig, TrainConfig):
 class PrefsConfig(CommonConfig, SamplingConfig):
     """Preference pairs sampled from the SFT policy and labelled by the gold reward."""
 
+    output_dir: str = _f("runs/default/prefs", "directory this stage writes its artifacts into")
+
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint to sample responses from")
     n_pairs: int = _f(8000, "preference pairs (train + test)")
     test_fraction: float = _f(0.2, "held-out fraction of the pairs")
@@ -136,13 +159,17 @@ class PrefsConfig(CommonConfig, SamplingConfig):
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)
         self._check_sampling()
-        _positive(self, "n_pairs", "label_temperature")
+        _positive(self, "n_pairs")
+        check(self.label_temperature >= 0.01, "label_temperature", ">= 0.01",
+              self.label_temperature)
         check(0.0 < self.test_fraction < 1.0, "test_fraction", "in (0, 1)", self.test_fraction)
 
 
 @dataclass
 class RewardConfig(CommonConfig, TrainConfig):
     """Reward model: GPT-2 backbone (from SFT) plus a scalar head, Bradley-Terry loss."""
+
+    output_dir: str = _f("runs/default/reward", "directory this stage writes its artifacts into")
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint whose backbone initialises the reward model")
     prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs)")
@@ -174,16 +201,18 @@ def _yaml_to_argv(cls: type, path: str) -> list[str]:
     if not os.path.isfile(path):
         raise UsageError(f"config file {path!r} does not exist")
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path!r} is not valid YAML (not UTF-8 text)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise UsageError(f"config file {path!r} is not valid YAML{where}") from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {path!r} must hold a mapping of field: value")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UsageError(f"unknown config key {unknown[0]!r} in {path} for {cls.__name__}; "
                          f"see --help for the allowed keys")
@@ -191,31 +220,53 @@ def _yaml_to_argv(cls: type, path: str) -> list[str]:
     for key, value in data.items():
         if value is None:
             continue
+        is_list = fields[key].startswith("list")
+        if isinstance(value, dict) or (isinstance(value, list) and not is_list):
+            raise UsageError(f"config key {key!r} in {path} must be a single value, not a "
+                             f"{type(value).__name__} (got {value!r})")
         values = value if isinstance(value, list) else [value]
         argv.append(f"--{key}")
         argv.extend(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
     return argv
 
 
+def _config_files(cls: type, argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take every `--config FILE` out of `argv`: (their `--key value` tokens, merged in
+    order so that a later file wins, and the remaining arguments)."""
+    rest, yaml_argv = [], []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                raise UsageError("--config needs a YAML file path")
+            yaml_argv += _yaml_to_argv(cls, argv[i + 1])
+            i += 2
+        else:
+            rest.append(argv[i])
+            i += 1
+    return yaml_argv, rest
+
+
 def parse_config(cls: type, argv: list[str], prog: str = "rlhf-toy") -> Any:
-    """Build a `cls` config from `[--config FILE] [--key value ...]`.
+    """Build a `cls` config from `[--config FILE ...] [--key value ...]`.
+
+    Several `--config` files merge in order (a later file wins); the command line wins
+    over every file.
 
     Raises:
         UsageError: unknown key, unparsable value, or a value out of range.
     """
     from transformers import HfArgumentParser
 
-    argv = list(argv)
-    yaml_argv: list[str] = []
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise UsageError("--config needs a YAML file path")
-        yaml_argv = _yaml_to_argv(cls, argv[i + 1])
-        del argv[i: i + 2]
+    yaml_argv, argv = _config_files(cls, list(argv))
     parser = HfArgumentParser(cls, prog=prog, description=cls.__doc__)
     parser.error = _Parser.error.__get__(parser)  # type: ignore[method-assign]
-    parser.add_argument("--config", help="YAML file with any of the fields below")
+    parser.add_argument("--config", action="append",
+                        help="YAML file with any of the fields below (several merge in order)")
+    for action in parser._actions:  # `--no_X` of a field X that defaults to true
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = f"set {action.dest} to false (same as --{action.dest} false)"
+            action.default = argparse.SUPPRESS  # the field's own option holds the default
     namespace, remaining = parser.parse_known_args(yaml_argv + argv)
     if remaining:
         raise UsageError(f"unknown argument {remaining[0]!r}; see --help for the allowed keys")
@@ -232,6 +283,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
     """What every on-policy stage shares (`ppo`, `grpo`, `rloo`, `reinforce_pp`): sampling,
     the KL to the frozen SFT reference, the clipped update and its schedule."""
+
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
     reward_dir: str = _f("runs/default/reward", "reward model checkpoint (frozen)")
@@ -264,7 +316,10 @@ class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
               f"a multiple of mini_batch_size ({self.mini_batch_size})", self.batch_size)
         check(self.batch_size % self.num_generations == 0, "batch_size",
               f"a multiple of num_generations ({self.num_generations})", self.batch_size)
-        check(self.beta >= 0, "beta", ">= 0", self.beta)
+        check(0 <= self.beta <= MAX_BETA, "beta", f"in [0, {MAX_BETA:g}]", self.beta)
+        check(self.mini_batch_size % self.gradient_accumulation_steps == 0, "mini_batch_size",
+              f"a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})",
+              self.mini_batch_size)
         check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", "k1, k2 or k3",
               self.kl_estimator)
         check(self.ent_coef >= 0, "ent_coef", ">= 0", self.ent_coef)
@@ -322,7 +377,7 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
         self._resolve_loss_type()
         self._check_sampling()
         self._check_train()
-        _positive(self, "beta")
+        check(0 < self.beta <= MAX_BETA, "beta", f"in (0, {MAX_BETA:g}]", self.beta)
         check(self.lr_scheduler_type in ("linear", "constant"), "lr_scheduler_type",
               "linear or constant", self.lr_scheduler_type)
         check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)",

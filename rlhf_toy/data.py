@@ -70,19 +70,28 @@ def build_preferences(policy, tokenizer, task, n_pairs: int, test_fraction: floa
 
 
 def load_preferences(path: str) -> DatasetDict:
-    """Load a preference dataset written by `rlhf-toy prefs` and check its shape.
+    """Load a preference dataset written by `rlhf-toy prefs` and check its shape and rows.
 
     Raises:
-        UsageError: missing directory, missing split or column, or an empty split.
+        UsageError: missing directory, missing split or column, an empty split, a file that
+            cannot be read (truncated), a row that is not three strings with a prompt, or a
+            split whose pairs carry no preference (every `chosen` empty or equal to
+            `rejected`).
     """
     if not os.path.isdir(path):
         raise UsageError(f"prefs_dir {path!r} does not exist (run `rlhf-toy prefs` first)")
+    from rlhf_toy.integrity import verify_manifest
+
+    verify_manifest(path, f"preference dataset {path!r}")
     try:
         data = load_from_disk(path)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"prefs_dir {path!r} holds no datasets dataset ({exc})") from None
     except IndexError:  # `datasets` writes no shard for an empty split, then cannot load it
         raise UsageError(f"preference dataset {path!r} has an empty split") from None
+    except Exception as exc:  # noqa: BLE001 - a cut or corrupted arrow file, any reader error
+        raise UsageError(f"preference dataset {path!r} cannot be read (truncated or corrupted: "
+                         f"{type(exc).__name__})") from None
     if not isinstance(data, DatasetDict) or not {"train", "test"} <= set(data):
         raise UsageError(f"preference dataset {path!r} must have 'train' and 'test' splits")
     for split in ("train", "test"):
@@ -92,7 +101,33 @@ def load_preferences(path: str) -> DatasetDict:
                              f"{missing[0]!r}; needs {list(PREFERENCE_COLUMNS)}")
         if len(data[split]) == 0:
             raise UsageError(f"preference dataset {path!r} has an empty {split!r} split")
+        check_preference_rows(data[split], f"preference dataset {path!r} ({split})")
     return data
+
+
+def check_preference_rows(split: Dataset, what: str) -> None:
+    """Every row holds three strings and a non-empty prompt; pairs carry a preference."""
+    try:
+        columns = {c: split[c] for c in PREFERENCE_COLUMNS}
+    except Exception as exc:  # noqa: BLE001 - a cut arrow file fails when it is read
+        raise UsageError(f"{what} cannot be read (truncated or corrupted: "
+                         f"{type(exc).__name__})") from None
+    for name, values in columns.items():
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise UsageError(f"{what} row {i}: {name!r} must be a string (got {value!r})")
+    for i, prompt in enumerate(columns["prompt"]):
+        if not prompt.strip():
+            raise UsageError(f"{what} row {i}: 'prompt' must not be empty")
+    n = len(columns["prompt"])
+    same = sum(c == r for c, r in zip(columns["chosen"], columns["rejected"], strict=True))
+    if all(not c.strip() for c in columns["chosen"]):
+        raise UsageError(f"{what}: every 'chosen' response is empty; the pairs teach nothing")
+    if same == n:
+        raise UsageError(f"{what}: every pair has chosen == rejected; the pairs teach nothing")
+    if same:
+        logger.warning("%s: %d of %d pairs have chosen == rejected (no preference; they "
+                       "only add noise)", what, same, n)
 
 
 def gold_accuracy(data: Dataset) -> float:

@@ -57,6 +57,7 @@ from rlhf_toy.rollout import decode_responses, encode_prompts, sample
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import read_run_config
+from rlhf_toy.train.memory import check_memory
 from rlhf_toy.train.snapshots import CRITIC_COLUMNS, ppo_records, token_records
 
 if TYPE_CHECKING:  # train.ppo imports this module
@@ -91,6 +92,10 @@ class InspectConfig:
             path = getattr(self, name)
             if path and os.path.isdir(path):
                 raise UsageError(f"{name} {path!r} is a directory; give a file name")
+            parent = os.path.dirname(os.path.abspath(path))
+            if path and os.path.isdir(parent) and not os.access(parent, os.W_OK):
+                raise UsageError(f"{name} {path!r} cannot be written (directory not writable)")
+        check_memory(self, "inspect")
 
 
 # --------------------------------------------------------------------------- loading
@@ -384,9 +389,12 @@ def render_png(report: dict, path: str) -> None:
 
 
 def _write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        fh.write(text)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise UsageError(f"{path!r} cannot be written ({exc.strerror})") from None
 
 
 def run_inspect(cfg: InspectConfig) -> dict:

@@ -10,7 +10,6 @@ derived from the attention mask so that left padding never shifts positions.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -20,6 +19,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 
 from rlhf_toy.core import last_token_index
 from rlhf_toy.errors import UsageError
+from rlhf_toy.integrity import check_safetensors, error_reason, read_json_file, verify_manifest
 from rlhf_toy.lean_gpt2 import attention_mask_4d, lean_gpt2_hidden, lean_gpt2_supported
 
 VALUE_HEAD_FILE = "value_head.pt"
@@ -40,13 +40,27 @@ def build_policy(tokenizer, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
 
 
 def _check_checkpoint(path: str, kind: str) -> dict:
+    """The checkpoint's `config.json`, after checking that its files are whole."""
     if not os.path.isdir(path):
         raise UsageError(f"{kind} checkpoint {path!r} does not exist (run the earlier stage first)")
+    what = f"{kind} checkpoint {path!r}"
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise UsageError(f"{kind} checkpoint {path!r} holds no model (config.json missing)")
-    with open(cfg_path) as fh:
-        return json.load(fh)
+        raise UsageError(f"{what} holds no model (config.json missing)")
+    verify_manifest(path, what)
+    weights = os.path.join(path, "model.safetensors")
+    if os.path.isfile(weights):
+        check_safetensors(weights, what)
+    return read_json_file(cfg_path, what)
+
+
+def _from_pretrained(cls: type, path: str, kind: str, **kwargs):
+    """`cls.from_pretrained(path)`; a file it cannot read is a one-line error."""
+    try:
+        return cls.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise UsageError(f"{kind} checkpoint {path!r} cannot be loaded "
+                         f"({type(exc).__name__}: {error_reason(exc)})") from None
 
 
 def load_policy(path: str) -> GPT2LMHeadModel:
@@ -55,7 +69,7 @@ def load_policy(path: str) -> GPT2LMHeadModel:
     if "GPT2LMHeadModel" not in config.get("architectures", []):
         raise UsageError(f"policy checkpoint {path!r} holds a {config.get('architectures')} "
                          "model, not a GPT2LMHeadModel policy")
-    return GPT2LMHeadModel.from_pretrained(path, local_files_only=True)
+    return _from_pretrained(GPT2LMHeadModel, path, "policy")
 
 
 def load_reward_model(path: str) -> GPT2ForSequenceClassification:
@@ -64,7 +78,7 @@ def load_reward_model(path: str) -> GPT2ForSequenceClassification:
     if "GPT2ForSequenceClassification" not in config.get("architectures", []):
         raise UsageError(f"reward checkpoint {path!r} holds a {config.get('architectures')} "
                          "model, not a GPT2ForSequenceClassification reward model")
-    return GPT2ForSequenceClassification.from_pretrained(path, local_files_only=True)
+    return _from_pretrained(GPT2ForSequenceClassification, path, "reward model")
 
 
 def reward_model_from_policy(sft_dir: str, head_init_std: float) -> GPT2ForSequenceClassification:
@@ -77,8 +91,7 @@ def reward_model_from_policy(sft_dir: str, head_init_std: float) -> GPT2ForSeque
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        model = GPT2ForSequenceClassification.from_pretrained(sft_dir, num_labels=1,
-                                                              local_files_only=True)
+        model = _from_pretrained(GPT2ForSequenceClassification, sft_dir, "SFT", num_labels=1)
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
@@ -167,7 +180,7 @@ class PolicyWithValueHead(nn.Module):
         model = cls(load_policy(path))
         head = os.path.join(path, VALUE_HEAD_FILE)
         if os.path.isfile(head):
-            model.value_head.load_state_dict(torch.load(head, weights_only=True))
+            model.value_head.load_state_dict(load_torch_file(head, f"checkpoint {path!r}"))
         return model
 
 
@@ -189,6 +202,17 @@ class RewardCritic(nn.Module):
         hidden = self.transformer(**inputs, use_cache=False).last_hidden_state  # (B, L, H)
         p, t = prompt_ids.shape[1], response_ids.shape[1]
         return self.value_head(hidden[:, p - 1: p + t - 1]).squeeze(-1)  # (B, T)
+
+
+def load_torch_file(file: str, what: str):
+    """`torch.load` of a small state file (value head, critic); one line if unreadable."""
+    if not os.path.isfile(file):
+        raise UsageError(f"{what}: {os.path.basename(file)} is missing")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UsageError(f"{what}: {os.path.basename(file)} cannot be read (truncated or "
+                         f"corrupted: {type(exc).__name__})") from None
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -85,6 +85,14 @@ def decode_responses(tokenizer, response_ids: torch.Tensor, mask: torch.Tensor) 
 
 
 @torch.no_grad()
+def finite_probs(probs: torch.Tensor) -> torch.Tensor:
+    """Rows of `probs` (B, V) holding a NaN or inf become uniform, so that a model gone
+    non-finite still samples (without a device sync); its NaN log-probs then reach the
+    training loop's non-finite guard, which names the step. Finite rows are unchanged."""
+    ok = torch.isfinite(probs).all(-1, keepdim=True)  # (B, V) -> (B, 1)
+    return torch.where(ok, probs, 1.0)
+
+
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
            eos_token_id: int, pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
            greedy: bool = False, generator: torch.Generator | None = None,
@@ -142,7 +150,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
             if greedy:
                 token = step["argmax"]
             else:
-                token = torch.multinomial(step["probs"], 1, generator=generator).squeeze(-1)
+                token = torch.multinomial(finite_probs(step["probs"]), 1,
+                                          generator=generator).squeeze(-1)
             token = torch.where(alive, token, pad)
             logp = step["logp"].gather(-1, token[:, None]).squeeze(-1)  # (B,)
         else:
@@ -150,7 +159,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
             if greedy:
                 token = logits.argmax(-1)  # (B,)
             else:
-                probs = torch.softmax(filter_top_k(logits, top_k), dim=-1)
+                probs = finite_probs(torch.softmax(filter_top_k(logits, top_k), dim=-1))
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
             token = torch.where(alive, token, pad)
             logp = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)

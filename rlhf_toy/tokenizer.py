@@ -7,8 +7,13 @@ preference format); it exists for completeness of the GPT-2 config.
 
 from __future__ import annotations
 
+import os
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from rlhf_toy.errors import UsageError
+from rlhf_toy.integrity import read_json_file
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -27,5 +32,15 @@ def build_tokenizer(words: tuple[str, ...] | list[str]) -> PreTrainedTokenizerFa
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """Reload a tokenizer written by `save_pretrained` (no network)."""
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    """Reload a tokenizer written by `save_pretrained` (no network); it must be a fast
+    tokenizer (`tokenizer.json`), which needs no conversion."""
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise UsageError(f"checkpoint {path!r} holds no tokenizer (tokenizer.json missing)")
+    for name in ("config.json", "tokenizer_config.json"):  # read by AutoTokenizer
+        if os.path.isfile(os.path.join(path, name)):
+            read_json_file(os.path.join(path, name), f"checkpoint {path!r}")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise UsageError(f"the tokenizer in {path!r} cannot be loaded ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None

@@ -40,9 +40,9 @@ def config_files(tmp_path):
 CASES = [
     (["sft", "--task", "chess"], "task must be one of ['sentiment', 'sorting']"),
     (["sft", "--not_a_field", "1"], "unknown argument '--not_a_field'"),
-    (["sft", "--learning_rate", "-1"], "learning_rate must be > 0"),
+    (["sft", "--learning_rate", "-1"], "learning_rate must be in (0, 1]"),
     (["sft", "--n_embd", "30", "--n_head", "4"], "n_embd must be divisible by n_head"),
-    (["ppo", "--beta", "-0.1"], "beta must be >= 0"),
+    (["ppo", "--beta", "-0.1"], "beta must be in [0, 1000]"),
     (["ppo", "--clip_range", "0"], "clip_range must be > 0"),
     (["ppo", "--gamma", "1.5"], "gamma must be in [0, 1]"),
     (["ppo", "--lam", "-0.1"], "lam must be in [0, 1]"),
@@ -80,13 +80,20 @@ def test_output_dir_that_is_a_file(tmp_path, capsys):
     assert path.read_text() == "keep me"  # nothing already written is lost
 
 
-def test_missing_checkpoint_and_bad_prefs(tmp_path, prefs_without_rejected, capsys):
+def test_missing_inputs_are_reported_in_the_config_order(tmp_path, prefs_without_rejected,
+                                                         capsys):
+    """Every input is checked before anything is loaded, in the order the config declares
+    them (sft_dir, reward_dir, prefs_dir), whatever the order on the command line."""
     code, err = _run(["prefs", "--sft_dir", str(tmp_path / "nope"), "--output_dir",
                       str(tmp_path / "p")], capsys)
     assert code == 2 and "does not exist" in err[0]
+    code, err = _run(["ppo", "--reward_dir", str(tmp_path / "no_reward"), "--sft_dir",
+                      str(tmp_path / "no_sft"), "--output_dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and f"sft_dir: checkpoint {str(tmp_path / 'no_sft')!r} does not" in err[0]
     code, err = _run(["reward", "--prefs_dir", prefs_without_rejected, "--sft_dir",
                       str(tmp_path / "nope"), "--output_dir", str(tmp_path / "r")], capsys)
-    assert code == 2 and "lacks column 'rejected'" in err[0]
+    assert code == 2 and "sft_dir: checkpoint" in err[0]
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "r")
 
 
 def test_console_script_prints_no_traceback(tmp_path):

@@ -21,8 +21,8 @@ from rlhf_toy.train.checkpoint import list_checkpoints
 
 # (argv, the message the one line must contain): values checked before anything is loaded
 CONFIG_CASES = [
-    (["ppo", "--beta", "-0.1"], "beta must be >= 0 (got -0.1)"),
-    (["dpo", "--beta", "0"], "beta must be > 0 (got 0.0)"),
+    (["ppo", "--beta", "-0.1"], "beta must be in [0, 1000] (got -0.1)"),
+    (["dpo", "--beta", "0"], "beta must be in (0, 1000] (got 0.0)"),
     (["ppo", "--clip_range", "0"], "clip_range must be > 0 (got 0.0)"),
     (["ppo", "--clip_range", "-0.2"], "clip_range must be > 0"),
     (["ppo", "--gamma", "1.01"], "gamma must be in [0, 1] (got 1.01)"),
@@ -43,6 +43,22 @@ CONFIG_CASES = [
     (["ppo", "--resume_from_checkpoint", "/no/such/checkpoint-3"],
      "resume_from_checkpoint '/no/such/checkpoint-3' does not exist"),
     (["dpo", "--resume_from_checkpoint", "latest"], "'latest' found no checkpoint-N/"),
+    (["sft", "--seed", "-1"], "seed must be in [0, 2**32 - 1] (got -1)"),
+    (["sft", "--seed", "4294967296"], "seed must be in [0, 2**32 - 1] (got 4294967296)"),
+    (["ppo", "--learning_rate", "inf"], "learning_rate must be a finite number (got inf)"),
+    (["sft", "--learning_rate", "inf"], "learning_rate must be a finite number (got inf)"),
+    (["dpo", "--learning_rate", "1e38"], "learning_rate must be in (0, 1] (got 1e+38)"),
+    (["dpo", "--beta", "1e400"], "beta must be a finite number (got inf)"),
+    (["ppo", "--beta", "1e6"], "beta must be in [0, 1000] (got 1000000.0)"),
+    (["ppo", "--missing_eos_penalty", "nan"], "missing_eos_penalty must be a finite number"),
+    (["ppo", "--temperature", "0"], "temperature must be in [0.01, 100] (got 0.0)"),
+    (["prefs", "--label_temperature", "1e-9"], "label_temperature must be >= 0.01 (got 1e-09)"),
+    (["ppo", "--gradient_accumulation_steps", "8", "--mini_batch_size", "4"],
+     "mini_batch_size must be a multiple of gradient_accumulation_steps (8) (got 4)"),
+    (["sft", "--n_train", "1000000000000"], "this run needs at least"),
+    (["sft", "--n_layer", "100000000"], "this run needs at least"),
+    (["sft", "--n_embd", "1000000"], "GiB is available; lower n_layer, n_embd or n_positions"),
+    (["sft", "--n_positions", "1000000000"], "this run needs at least"),
 ]
 
 
@@ -67,12 +83,28 @@ def test_config_table(argv, message, tmp_path, capsys):
     ("beta: [0.1\n", "is not valid YAML (line 2)"),
     ("- just\n- a list\n", "must hold a mapping of field: value"),
     ("gamma: 3\n", "gamma must be in [0, 1] (got 3.0)"),
+    ("clip_range: [0.2]\n", "config key 'clip_range' in"),
+    ("clip_range: [0.2]\n", "must be a single value, not a list (got [0.2])"),
+    ("clip_range: {a: 1}\n", "must be a single value, not a dict"),
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe\x00", "is not valid YAML (not UTF-8 text)"),
 ])
 def test_yaml_table(text, message, tmp_path, capsys):
     path = tmp_path / "c.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     line = _one_line_error(["ppo", "--config", str(path), "--output_dir", str(tmp_path)], capsys)
     assert message in line
+
+
+def test_several_config_files_merge_in_order(tmp_path):
+    """`--config a --config b`: b wins over a, the command line over both."""
+    from rlhf_toy.config import parse_config
+    from rlhf_toy.train.ppo import PPOConfig
+
+    (tmp_path / "a.yaml").write_text("beta: 0.1\ngamma: 0.9\nlam: 0.5\n")
+    (tmp_path / "b.yaml").write_text("beta: 0.3\ngamma: 0.8\n")
+    cfg = parse_config(PPOConfig, ["--config", str(tmp_path / "a.yaml"), "--lam", "0.7",
+                                   "--config", str(tmp_path / "b.yaml"), "--gamma", "0.6"])
+    assert (cfg.beta, cfg.gamma, cfg.lam) == (0.3, 0.6, 0.7)
 
 
 # ------------------------------------------------------------------ inputs on disk
@@ -86,9 +118,30 @@ def _save_prefs(path, train: dict, test: dict | None = None) -> str:
     return str(path)
 
 
+def _damaged(src: str, dst, file: str, how: str, keep_manifest: bool = True) -> str:
+    """A copy of the checkpoint `src` whose `file` is cut in half ("cut"), replaced by random
+    bytes of the same size ("random"), deleted ("missing") or holds bad JSON ("json")."""
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, file)
+    if how == "missing":
+        os.remove(path)
+    elif how == "json":
+        with open(path, "w") as fh:
+            fh.write('{"n_layer": 2,,')
+    else:
+        size = os.path.getsize(path)
+        data = open(path, "rb").read()[: size // 2] if how == "cut" else os.urandom(size)
+        with open(path, "wb") as fh:
+            fh.write(data)
+    if not keep_manifest:
+        os.remove(os.path.join(dst, "manifest.json"))
+    return str(dst)
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tiny_run, tmp_path_factory):
     """Broken checkpoints and datasets next to the good tiny run."""
+    from rlhf_toy.models import build_policy
     from rlhf_toy.tasks import get_task
     from rlhf_toy.tokenizer import build_tokenizer
 
@@ -97,16 +150,54 @@ def bad_inputs(tiny_run, tmp_path_factory):
     swapped = tmp / "sft_other_tokenizer"  # the sft model with the sorting task's tokenizer
     shutil.copytree(os.path.join(root, "sft"), swapped)
     build_tokenizer(get_task("sorting").words).save_pretrained(str(swapped))
+    narrow = str(tmp / "sft_narrow")  # an SFT checkpoint of another width
+    tokenizer = build_tokenizer(get_task("sentiment").words)
+    build_policy(tokenizer, n_embd=32).save_pretrained(narrow)
+    tokenizer.save_pretrained(narrow)
+    sft = os.path.join(root, "sft")
+    ppo = str(tmp / "ppo")  # one PPO iteration, its resumable checkpoint-1
+    run_stage("ppo", root, "--output_dir", ppo, "--max_steps", "1", "--save_steps", "1",
+              "--batch_size", "4", "--mini_batch_size", "4", "--n_eval_prompts", "4")
+    ck = os.path.join(ppo, "checkpoint-1")
     long_prompt = " ".join(["the"] * 40)
     pair = {"prompt": ["the movie was"], "chosen": ["great ."], "rejected": ["bad ."]}
+    two = {"prompt": ["the movie was", "the film is"], "chosen": ["great .", "good ."],
+           "rejected": ["bad .", "dull ."]}
+    prefs = os.path.join(root, "prefs")
+    arrow = next(os.path.relpath(os.path.join(d, f), prefs) for d, _, fs in os.walk(prefs)
+                 for f in fs if f.endswith(".arrow"))
     return {
         "root": root,
+        "sft": sft,
+        "reward": os.path.join(root, "reward"),
+        "prefs": prefs,
+        "sft_sub": os.path.join(sft, "sub"),
         "swapped": str(swapped),
+        "narrow": narrow,
+        "ck": ck,
+        "cut": _damaged(sft, tmp / "cut", "model.safetensors", "cut"),
+        "cut_bare": _damaged(sft, tmp / "cut_bare", "model.safetensors", "cut", False),
+        "random": _damaged(sft, tmp / "random", "model.safetensors", "random"),
+        "random_bare": _damaged(sft, tmp / "random_bare", "model.safetensors", "random", False),
+        "no_tokenizer": _damaged(sft, tmp / "no_tok", "tokenizer.json", "missing"),
+        "bad_json": _damaged(sft, tmp / "bad_json", "config.json", "json"),
+        "ck_cut": _damaged(ck, tmp / "ck_cut", "model.safetensors", "cut"),
+        "ck_no_config": _damaged(ck, tmp / "ck_no_config", "config.json", "missing"),
+        "ck_no_head": _damaged(ck, tmp / "ck_no_head", "value_head.pt", "missing"),
+        "ck_bad_head": _damaged(ck, tmp / "ck_bad_head", "value_head.pt", "random", False),
+        "ck_bad_state": _damaged(ck, tmp / "ck_bad_state", "trainer_state.pt", "cut"),
+        "prefs_cut": _damaged(prefs, tmp / "prefs_cut", arrow, "cut"),
+        "prefs_cut_bare": _damaged(prefs, tmp / "prefs_cut_bare", arrow, "cut", False),
         "empty": _save_prefs(tmp / "empty", {k: [] for k in pair}, pair),
         "no_prompt": _save_prefs(tmp / "no_prompt", {k: v for k, v in pair.items()
                                                      if k != "prompt"}),
         "no_chosen": _save_prefs(tmp / "no_chosen", {k: v for k, v in pair.items()
                                                      if k != "chosen"}),
+        "empty_prompt": _save_prefs(tmp / "empty_prompt", {**two, "prompt": ["the movie", ""]}),
+        "none_value": _save_prefs(tmp / "none_value", {**two, "chosen": ["great .", None]}),
+        "int_value": _save_prefs(tmp / "int_value", {**two, "rejected": [3, 4]}),
+        "chosen_empty": _save_prefs(tmp / "chosen_empty", {**two, "chosen": ["", ""]}),
+        "all_same": _save_prefs(tmp / "all_same", {**two, "rejected": two["chosen"]}),
         "long": _save_prefs(tmp / "long", {"prompt": [long_prompt, "the movie was"],
                                            "chosen": ["great ."] * 2,
                                            "rejected": ["bad ."] * 2}),
@@ -149,14 +240,50 @@ INPUT_CASES = [
                                        "1 of 2 prompts do not fit n_positions=32"),
     ("reward", {"prefs_dir": "long"}, [], "truncate_prompts must be true"),
     ("ppo", {}, ["--resume_from_checkpoint", "sft"], "is not a resumable checkpoint"),
+    # an output directory that is an input, inside one or around one
+    ("ppo", {}, ["--output_dir", "sft"], "output_dir must not be sft_dir, inside it or around"),
+    ("dpo", {}, ["--output_dir", "reward"], "output_dir must not be reward_dir"),
+    ("reward", {}, ["--output_dir", "prefs"], "output_dir must not be prefs_dir"),
+    ("ppo", {}, ["--output_dir", "sft_sub"], "output_dir must not be sft_dir"),
+    ("ppo", {}, ["--output_dir", "root"], "output_dir must not be sft_dir"),
+    # sizes that cannot fit
+    ("ppo", {}, ["--batch_size", "10000000", "--mini_batch_size", "10000000"],
+     "lower batch_size"),
+    ("ppo", {}, ["--n_eval_prompts", "1000000000000"], "lower n_eval_prompts"),
+    ("prefs", {}, ["--n_pairs", "1000000000000"], "lower n_pairs"),
+    # damaged checkpoints: one line naming the file
+    ("ppo", {"sft_dir": "cut"}, [], "policy checkpoint {cut!r}: model.safetensors is truncated "
+                                    "or altered"),
+    ("ppo", {"sft_dir": "cut_bare"}, [], "model.safetensors is truncated or altered"),
+    ("dpo", {"sft_dir": "random"}, [], "model.safetensors is corrupted (its checksum differs"),
+    ("ppo", {"sft_dir": "random_bare"}, [], "model.safetensors is not a readable safetensors"),
+    ("ppo", {"sft_dir": "no_tokenizer"}, [], "holds no tokenizer (tokenizer.json missing)"),
+    ("reward", {"sft_dir": "bad_json"}, [], "config.json is not valid JSON (line 1)"),
+    ("ppo", {}, ["--resume_from_checkpoint", "ck_cut"], "model.safetensors is truncated"),
+    ("ppo", {}, ["--resume_from_checkpoint", "ck_no_config"], "holds no model (config.json "
+                                                              "missing)"),
+    ("ppo", {}, ["--resume_from_checkpoint", "ck_no_head"], "{ck_no_head!r}: value_head.pt is "
+                                                            "missing"),
+    ("ppo", {}, ["--resume_from_checkpoint", "ck_bad_head"], "value_head.pt cannot be read"),
+    ("ppo", {}, ["--resume_from_checkpoint", "ck_bad_state"], "trainer_state.pt is truncated"),
+    ("ppo", {}, ["--resume_from_checkpoint", "ck", "--critic", "reward_model"],
+     "critic must be 'value_head' to resume from"),
+    ("ppo", {"sft_dir": "narrow"}, ["--resume_from_checkpoint", "ck"],
+     "holds weights of another shape than this run's model"),
+    # preference rows
+    ("dpo", {"prefs_dir": "prefs_cut"}, [], "is truncated or altered"),
+    ("reward", {"prefs_dir": "prefs_cut_bare"}, [], "cannot be read (truncated or corrupted"),
+    ("dpo", {"prefs_dir": "empty_prompt"}, [], "(train) row 1: 'prompt' must not be empty"),
+    ("reward", {"prefs_dir": "none_value"}, [], "row 1: 'chosen' must be a string (got None)"),
+    ("dpo", {"prefs_dir": "int_value"}, [], "row 0: 'rejected' must be a string (got 3)"),
+    ("reward", {"prefs_dir": "chosen_empty"}, [], "every 'chosen' response is empty"),
+    ("dpo", {"prefs_dir": "all_same"}, [], "every pair has chosen == rejected"),
 ]
 
 
 @pytest.mark.parametrize(("stage", "override", "extra", "message"), INPUT_CASES)
 def test_input_table(bad_inputs, stage, override, extra, message, tmp_path, capsys):
-    b = bad_inputs
-    named = {**{k: v for k, v in b.items() if k != "root"},
-             "sft": os.path.join(b["root"], "sft"), "reward": os.path.join(b["root"], "reward")}
+    b = named = bad_inputs
     argv = _stage_argv(stage, b, tmp_path, **{k: named[v] for k, v in override.items()})
     extra = [named.get(x, x) for x in extra]
     line = _one_line_error([*argv, *extra], capsys)
@@ -250,3 +377,43 @@ def test_health_warnings_are_logged_once(caplog):
                  "most responses hit the length limit without EOS"):
         assert sum(text in m for m in messages) == 1, text
     assert all(m.endswith("at iteration 3") for m in messages)
+
+
+def test_non_finite_weights_reach_the_sampler_and_the_guard_names_them(tiny_run, tmp_path,
+                                                                       monkeypatch):
+    """Weights gone NaN in an update (an overflowing learning rate) make the sampler's
+    probabilities NaN: sampling goes on (no torch.multinomial crash), the guard stops the
+    run at the next rollout naming the quantity and step, and the checkpoint it points to
+    is the finite one of step 1 (the NaN state is never saved as good)."""
+    root, _ = tiny_run
+    real, calls = onpolicy_module.collect_rollout, {"n": 0}
+
+    def nan_weights_then_rollout(method, model, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the weights after iteration 1's update, as if it overflowed
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+        return real(method, model, *args, **kwargs)
+
+    monkeypatch.setattr(onpolicy_module, "collect_rollout", nan_weights_then_rollout)
+    out = str(tmp_path / "ppo")
+    with pytest.raises(NonFiniteError, match=r"non-finite logprobs at step 2; training stopped, "
+                                             r"last good checkpoint: .*checkpoint-1$"):
+        run_stage("ppo", root, "--output_dir", out, "--batch_size", "4", "--save_steps", "1",
+                  "--mini_batch_size", "4", "--n_eval_prompts", "4", "--max_steps", "4")
+    assert [s for s, _ in list_checkpoints(out)] == [1]
+
+
+def test_inspect_bad_run_config_and_unwritable_json(bad_inputs, tmp_path, capsys):
+    ppo = os.path.dirname(bad_inputs["ck"])
+    broken = tmp_path / "ppo"
+    shutil.copytree(ppo, broken)
+    (broken / "run_config.json").write_text('{"stage": "ppo",')
+    line = _one_line_error(["inspect", "--checkpoint", str(broken)], capsys)
+    assert "run_config.json is not valid JSON (line 1)" in line
+    line = _one_line_error(["inspect", "--checkpoint", ppo, "--n", "2", "--json",
+                            "/proc/no/x.json"], capsys)
+    assert "'/proc/no/x.json' cannot be written" in line
+    line = _one_line_error(["inspect", "--checkpoint", ppo, "--n", "1000000000000"], capsys)
+    assert "lower n" in line

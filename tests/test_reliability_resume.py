@@ -151,7 +151,7 @@ def test_atomic_save_replaces_and_cleans(tmp_path):
     assert [s for s, _ in list_checkpoints(out)] == [1]
     state = torch.load(os.path.join(out, "checkpoint-1", TRAINER_STATE), weights_only=True)
     assert state["stage"] == "y"
-    checkpoint.clean_checkpoints(out, keep=True)
+    checkpoint.clean_checkpoints(out)
     assert sorted(os.listdir(out)) == ["checkpoint-1"]
 
 

@@ -17,7 +17,9 @@ import torch
 from accelerate import Accelerator
 
 from rlhf_toy.config import to_dict
-from rlhf_toy.errors import NonFiniteError, UsageError
+from rlhf_toy.errors import NonFiniteError, StorageError, UsageError
+from rlhf_toy.integrity import error_reason, verify_manifest, write_manifest
+from rlhf_toy.train.rundir import commit_run, current_run
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,12 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The step of a `checkpoint-<step>` directory name, else None."""
+    m = _CHECKPOINT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every complete `checkpoint-<step>/` in `output_dir`, by step."""
     if not os.path.isdir(output_dir):
@@ -60,14 +68,13 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
                   if os.path.isfile(os.path.join(path, TRAINER_STATE)))
 
 
-def clean_checkpoints(output_dir: str, keep: bool) -> None:
-    """Remove half-written temporary checkpoints (a killed save); unless `keep`, also the
-    checkpoints of an earlier run, so that `latest` never mixes two runs."""
+def clean_checkpoints(output_dir: str) -> None:
+    """Remove half-written temporary checkpoints (what a killed save leaves). An earlier
+    run's checkpoints go when the run that replaces it commits (`rundir.RunDir`)."""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
-        if name.startswith(f".tmp-{CHECKPOINT_PREFIX}") or name.startswith(".old-") or (
-                not keep and _CHECKPOINT_RE.match(name)):
+        if name.startswith(f".tmp-{CHECKPOINT_PREFIX}") or name.startswith(".old-"):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
@@ -78,13 +85,26 @@ def save_checkpoint(output_dir: str, step: int, model: Any, state: dict) -> str:
     stage output), everything else (optimizer, controller, RNG, ...) in
     `trainer_state.pt`. All of it is written into a temporary directory first and
     renamed into place: a process killed at any moment leaves either the complete new
-    checkpoint or none, and never touches the previous ones.
+    checkpoint or none, and never touches the previous ones. `manifest.json` records
+    every file's size and checksum, so a file damaged later is named when resuming.
+
+    Raises:
+        StorageError: the save failed (disk full, file size limit); nothing of it is left.
     """
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
-    tmp = tempfile.mkdtemp(dir=output_dir, prefix=f".tmp-{CHECKPOINT_PREFIX}{step}-")
-    model.save_pretrained(tmp)
-    torch.save({"step": step, "rng": rng_state(), **state}, os.path.join(tmp, TRAINER_STATE))
-    _fsync_dir(tmp)
+    tmp = None
+    try:
+        tmp = tempfile.mkdtemp(dir=output_dir, prefix=f".tmp-{CHECKPOINT_PREFIX}{step}-")
+        model.save_pretrained(tmp)
+        torch.save({"step": step, "rng": rng_state(), **state}, os.path.join(tmp, TRAINER_STATE))
+        write_manifest(tmp)
+        _fsync_dir(tmp)
+    except Exception as exc:  # noqa: BLE001 - every failed write ends the same way
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        found = [path for at, path in list_checkpoints(output_dir) if at != step]
+        kept = f"the previous checkpoint {found[-1]} is intact" if found else "no checkpoint is kept"
+        raise StorageError(f"saving {final} failed ({error_reason(exc)}); {kept}") from None
     if os.path.exists(final):  # rename cannot replace a non-empty directory: move it aside
         old = tempfile.mkdtemp(dir=output_dir, prefix=".old-")
         os.replace(final, os.path.join(old, "c"))
@@ -128,7 +148,9 @@ def resolve_checkpoint(output_dir: str, spec: str) -> str:
 
 
 def load_checkpoint(path: str, stage: str, max_steps: int) -> dict:
-    """Read a checkpoint's `trainer_state.pt` and check it belongs to this stage."""
+    """Check a checkpoint's files, read its `trainer_state.pt` and check it belongs to this
+    stage."""
+    verify_manifest(path, f"resume_from_checkpoint {path!r}")
     try:
         # on the CPU: the optimizer moves its state to its parameters' device when loaded
         state = torch.load(os.path.join(path, TRAINER_STATE), map_location="cpu",
@@ -149,20 +171,29 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
     """Load a checkpoint's weights into `model` in place: a policy or reward model, or a
     policy with a value head / separate critic (`models.PolicyWithValueHead`,
     `PolicyWithCritic`)."""
-    from rlhf_toy.models import VALUE_HEAD_FILE
+    from rlhf_toy.models import VALUE_HEAD_FILE, load_policy, load_reward_model, load_torch_file
 
+    what = f"resume_from_checkpoint {path!r}"
     policy = getattr(model, "policy", model)  # a GPT-2 policy or reward model
-    saved = type(policy).from_pretrained(path, local_files_only=True)
-    policy.load_state_dict(saved.state_dict())
+    saved = (load_policy if hasattr(policy, "lm_head") else load_reward_model)(path)
+    parts = [(policy, saved.state_dict())]
     for name, file in (("value_head", VALUE_HEAD_FILE), ("critic", "critic.pt")):
         if hasattr(model, name):
-            weights = torch.load(os.path.join(path, file), weights_only=True)
-            getattr(model, name).load_state_dict(weights)
+            parts.append((getattr(model, name), load_torch_file(os.path.join(path, file), what)))
+    for module, weights in parts:
+        try:
+            module.load_state_dict(weights)
+        except (RuntimeError, AttributeError, TypeError) as exc:
+            first = error_reason(exc).removeprefix("Error(s) in loading state_dict for ")
+            raise UsageError(f"{what} holds weights of another shape than this run's model "
+                             f"(a different sft_dir or model size?): {first}") from None
 
 
 # fields that may differ between a checkpoint's run and the run resuming it
 _RESUME_MAY_CHANGE = {"output_dir", "resume_from_checkpoint", "save_steps", "logging_steps",
-                      "device", "sft_dir", "reward_dir", "prefs_dir"}
+                      "device", "sft_dir", "reward_dir", "prefs_dir", "overwrite_output_dir"}
+# fields that decide which weights a checkpoint holds: resuming with another value is refused
+_RESUME_MUST_MATCH = ("critic", "n_layer", "n_embd", "n_head", "n_positions")
 
 
 class Checkpointer:
@@ -170,62 +201,95 @@ class Checkpointer:
 
     `state_fn()` returns the stage's extra state (KL controller, evaluation before
     training, ...) as a dict of plain values and tensors; model weights, optimizer state
-    and RNG states are added here.
+    and RNG states are added here. Only finite weights are ever saved as a good state.
     """
 
     def __init__(self, cfg: Any, stage: str, acc: Accelerator, model: Any, optimizer: Any):
         self.cfg, self.stage, self.acc = cfg, stage, acc
         self.model, self.optimizer = model, optimizer  # the unwrapped model
         self.last_saved: str | None = None
-        if acc.is_main_process:
-            clean_checkpoints(cfg.output_dir, keep=bool(cfg.resume_from_checkpoint))
+        self.log = None  # the run's `MetricsLog` (its row count goes into each checkpoint)
+        if acc.is_main_process and cfg.resume_from_checkpoint:
+            clean_checkpoints(cfg.output_dir)
         acc.wait_for_everyone()
 
     def resume(self) -> dict | None:
         """Restore weights, optimizer and RNG from `--resume_from_checkpoint`; returns the
-        checkpoint's state (`step` and the stage's extras), or None for a fresh run."""
+        checkpoint's state (`step` and the stage's extras), or None for a fresh run.
+
+        The learning rate and weight decay of this run replace the checkpoint's; any other
+        changed setting is warned about. The run directory records what changed."""
         if not self.cfg.resume_from_checkpoint:
             return None
         path = resolve_checkpoint(self.cfg.output_dir, self.cfg.resume_from_checkpoint)
         state = load_checkpoint(path, self.stage, self.cfg.max_steps)
+        saved_cfg = state.get("config", {})
+        for name in _RESUME_MUST_MATCH:
+            if name in saved_cfg and getattr(self.cfg, name, saved_cfg[name]) != saved_cfg[name]:
+                raise UsageError(f"{name} must be {saved_cfg[name]!r} to resume from {path!r} "
+                                 f"(got {getattr(self.cfg, name)!r})")
         load_model_weights(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # this run's settings, not the checkpoint's
+            group["lr"], group["weight_decay"] = self.cfg.learning_rate, self.cfg.weight_decay
         set_rng_state(state["rng"])
         self.last_saved = path
+        changed = {k: {"from": v, "to": getattr(self.cfg, k)} for k, v in sorted(saved_cfg.items())
+                   if k not in _RESUME_MAY_CHANGE and getattr(self.cfg, k, v) != v}
         if self.acc.is_main_process:
             print(f"{self.stage}: resuming from {path} (step {state['step']} of "
                   f"{self.cfg.max_steps})", file=sys.stderr, flush=True)
-        changed = sorted(k for k, v in state.get("config", {}).items()
-                         if k not in _RESUME_MAY_CHANGE and getattr(self.cfg, k, v) != v)
-        if changed:  # allowed, but the result is no longer the uninterrupted run's
+        # a longer run is the uninterrupted one unless a schedule depends on max_steps
+        differ = [k for k in changed if k != "max_steps"
+                  or getattr(self.cfg, "lr_scheduler_type", "constant") != "constant"]
+        if differ:  # allowed, but the result is no longer the uninterrupted run's
             logger.warning("resuming with settings that differ from the checkpoint's: %s",
-                           ", ".join(changed))
+                           ", ".join(differ))
+        run = current_run(self.cfg.output_dir)
+        if run is not None:
+            run.resumed = {"resumed_from": path, "step": state["step"], "changed": changed,
+                           "config": saved_cfg}
         logger.info("resumed %s from %s (step %d)", self.stage, path, state["step"])
         return state
 
     def maybe_save(self, step: int, state_fn) -> None:
-        """Save every `save_steps` steps (not at the last one: the final model goes to
-        `output_dir` itself)."""
-        if self.cfg.save_steps and step % self.cfg.save_steps == 0 and step < self.cfg.max_steps:
+        """Save every `save_steps` steps and at the last one (as the HF Trainer does), so a
+        finished run can be continued with a larger `max_steps`."""
+        if self.cfg.save_steps and (step % self.cfg.save_steps == 0 or step == self.cfg.max_steps):
             self.save(step, state_fn())
 
     def save(self, step: int, state: dict) -> str:
+        """Save the state after `step`; `NonFiniteError` instead if a weight is NaN or inf."""
+        if not weights_finite(self.model):
+            raise self.fail("weights", step)
         path = os.path.join(self.cfg.output_dir, f"{CHECKPOINT_PREFIX}{step}")
         if self.acc.is_main_process:
+            commit_run(self.cfg.output_dir)
+            rows = {}
+            if self.log is not None:
+                self.log.flush()
+                rows = {"metrics_rows": self.log.count}
             path = save_checkpoint(self.cfg.output_dir, step, self.model,
                                    {"stage": self.stage, "optimizer": self.optimizer.state_dict(),
-                                    "config": to_dict(self.cfg), **state})
+                                    "config": to_dict(self.cfg), **rows, **state})
         self.acc.wait_for_everyone()
         self.last_saved = path
         return path
 
     def fail(self, quantity: str, step: int, state_fn=None) -> NonFiniteError:
         """The error for a non-finite `quantity` at `step`. With `state_fn` the model is
-        still in its state after step - 1 (nothing of step `step` was applied): save it."""
-        if state_fn is not None:
+        still in its state after step - 1 (nothing of step `step` was applied): save it,
+        if its weights are finite."""
+        if state_fn is not None and weights_finite(self.model):
             where = f"last good state saved in {self.save(step - 1, state_fn())}"
         elif self.last_saved:
             where = f"last good checkpoint: {self.last_saved}"
         else:
             where = "no checkpoint was saved (set --save_steps)"
         return NonFiniteError(f"non-finite {quantity} at step {step}; training stopped, {where}")
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """True when every parameter of `model` is finite (one device sync)."""
+    flags = [torch.isfinite(p.detach()).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True

@@ -16,25 +16,25 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from rlhf_toy.config import to_dict
-from rlhf_toy.errors import UsageError
-from rlhf_toy.train.checkpoint import Checkpointer, resolve_checkpoint
+from rlhf_toy.errors import NonFiniteError, StorageError, UsageError
+from rlhf_toy.integrity import error_reason, write_manifest
+from rlhf_toy.train.checkpoint import (
+    Checkpointer,
+    list_checkpoints,
+    resolve_checkpoint,
+    weights_finite,
+)
+from rlhf_toy.train.memory import check_memory
+from rlhf_toy.train.rundir import (  # noqa: F401 - read_run_config re-exported
+    RUN_CONFIG,
+    check_inputs,
+    commit_run,
+    open_run_dir,
+    read_run_config,
+    release_run,
+)
 
 logger = logging.getLogger(__name__)
-
-RUN_CONFIG = "run_config.json"
-
-
-def prepare_output_dir(path: str) -> str:
-    """Create `path`; a clear error if it is a file or cannot be created."""
-    if os.path.isfile(path):
-        raise UsageError(f"output_dir {path!r} is a file; give a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"output_dir {path!r} cannot be created: {exc.strerror}") from None
-    return path
-
 
 def make_accelerator(cfg: Any) -> Accelerator:
     """One `Accelerator` per stage: device, mixed precision, gradient accumulation.
@@ -53,23 +53,47 @@ def make_accelerator(cfg: Any) -> Accelerator:
 
 
 def start_stage(cfg: Any, stage: str) -> tuple[Accelerator, float]:
-    """Seed, build the accelerator, create the output dir and record the config."""
+    """Check the run's inputs and size, build the accelerator, seed, and open (create, lock,
+    check) the output directory. Nothing is written yet: `run_config.json` goes in with the
+    run's first output (`rundir.RunDir.commit`)."""
     if getattr(cfg, "resume_from_checkpoint", ""):  # a bad path fails before any loading
         resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
-    prepare_output_dir(cfg.output_dir)
+    check_inputs(cfg)
+    check_memory(cfg, stage)
+    if os.path.isfile(cfg.output_dir):
+        raise UsageError(f"output_dir {cfg.output_dir!r} is a file; give a directory")
     acc = make_accelerator(cfg)
-    if acc.is_main_process:
-        write_json(os.path.join(cfg.output_dir, RUN_CONFIG), {"stage": stage, **to_dict(cfg)})
+    open_run_dir(cfg, stage, acc.is_main_process)
+    acc.wait_for_everyone()
     return acc, time.perf_counter()
 
 
-def read_run_config(path: str) -> dict:
-    """The `run_config.json` a stage wrote next to its checkpoint ({} if none)."""
-    file = os.path.join(path, RUN_CONFIG)
-    if not os.path.isfile(file):
-        return {}
-    with open(file) as fh:
-        return json.load(fh)
+def finish_stage(cfg: Any, acc: Accelerator, model: Any, tokenizer: Any, summary: dict) -> None:
+    """Write a stage's final files (model, tokenizer, `manifest.json`, `summary.json`, in
+    that order, so a directory with a summary is complete) and release the run directory.
+
+    Raises:
+        NonFiniteError: a weight is NaN or inf; nothing is saved as the final model.
+        StorageError: a write failed (disk full); the checkpoints are left intact.
+    """
+    if model is not None and not weights_finite(model):
+        raise NonFiniteError(f"non-finite weights after the last step {cfg.max_steps}; the "
+                             "final model is not saved")
+    if acc.is_main_process:
+        commit_run(cfg.output_dir)
+        try:
+            if model is not None:
+                model.save_pretrained(cfg.output_dir)
+                tokenizer.save_pretrained(cfg.output_dir)
+            write_manifest(cfg.output_dir)
+            write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+        except Exception as exc:  # noqa: BLE001 - every failed write ends the same way
+            found = list_checkpoints(cfg.output_dir)
+            kept = (f"the last checkpoint {found[-1][1]} is intact" if found
+                    else "no checkpoint was saved")
+            raise StorageError(f"saving the final files into {cfg.output_dir!r} failed "
+                               f"({error_reason(exc)}); {kept}") from None
+    release_run(cfg.output_dir)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -83,32 +107,52 @@ def write_json(path: str, obj: Any) -> None:
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per logged step, flushed as it is written."""
+    """`metrics.jsonl`: one JSON object per logged step, flushed as it is written.
 
-    def __init__(self, output_dir: str, enabled: bool = True, keep_until_step: int | None = None):
+    A resumed run keeps the rows written before its checkpoint; the file is rewritten
+    (atomically) only at the run's first new row, so a run that fails before producing
+    anything leaves the earlier metrics as they were."""
+
+    def __init__(self, output_dir: str, enabled: bool = True, keep_rows: int | None = None,
+                 keep_until_step: int | None = None):
+        self.output_dir = output_dir
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.enabled = enabled
-        if enabled:
-            self._truncate(keep_until_step)
+        self._kept = self._read_kept(keep_rows, keep_until_step) if enabled else []
+        self._flushed = False
+        self.count = len(self._kept)  # rows of this run's record so far
 
-    def _truncate(self, keep_until_step: int | None) -> None:
-        """Keep the rows up to `keep_until_step` (a resume point); None keeps nothing.
-
+    def _read_kept(self, keep_rows: int | None, keep_until_step: int | None) -> list[str]:
+        """The first `keep_rows` complete rows, or those up to `keep_until_step` (a resume
+        point of a checkpoint that did not record its row count); none for a fresh run.
         A line a killed run left half-written does not parse and is dropped."""
-        rows = []
-        if keep_until_step is not None and os.path.isfile(self.path):
-            with open(self.path) as fh:
-                rows = [line for line in fh
-                        if line.endswith("\n") and _row_step(line) <= keep_until_step]
-        with open(self.path, "w") as fh:
-            fh.writelines(rows)
+        if (keep_rows is None and keep_until_step is None) or not os.path.isfile(self.path):
+            return []
+        with open(self.path) as fh:
+            rows = [line for line in fh if line.endswith("\n") and _row_step(line) < float("inf")]
+        if keep_rows is not None:
+            return rows[:keep_rows]
+        return [line for line in rows if _row_step(line) <= keep_until_step]
+
+    def flush(self) -> None:
+        """Replace the file by the kept rows (once, atomically): the run has begun writing."""
+        if not self.enabled or self._flushed:
+            return
+        commit_run(self.output_dir)
+        fd, tmp = tempfile.mkstemp(dir=self.output_dir, prefix=".tmp-", suffix=".jsonl")
+        with os.fdopen(fd, "w") as fh:
+            fh.writelines(self._kept)
+        os.replace(tmp, self.path)
+        self._flushed = True
 
     def write(self, step: int, **metrics: float) -> None:
         if not self.enabled:
             return
+        self.flush()
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        self.count += 1
 
 
 def _row_step(line: str) -> float:
@@ -143,21 +187,47 @@ def stage_line(stage: str, summary: dict, keys: list[str]) -> str:
 
 
 def progress(total: int, desc: str, enabled: bool = True, initial: int = 0):
-    """A tqdm progress bar on stderr for a stage's loop (only on the main process).
+    """A progress bar on stderr for a stage's loop (only on the main process).
 
-    Live on a terminal; in a log file (CI, `nohup`) one update every 15 s at most.
-    `TQDM_DISABLE=1` turns it off."""
+    A tqdm bar on a terminal; in a log file (CI, `nohup`, a redirect) plain lines instead
+    of carriage-return redraws, one every 15 s at most. `TQDM_DISABLE=1` turns it off."""
     from tqdm.auto import tqdm
+
+    disabled = not enabled or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    if not sys.stderr.isatty():
+        return LineProgress(total, desc, disabled, initial)
 
     class Bar(tqdm):
         def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
             # shown at the next update(), which respects mininterval (tqdm redraws at once)
             super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
 
-    tty = sys.stderr.isatty()
-    disabled = not enabled or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
-    return Bar(total=total, desc=desc, disable=disabled, file=sys.stderr, dynamic_ncols=tty,
-               mininterval=0.1 if tty else 15.0, leave=False, initial=initial)
+    return Bar(total=total, desc=desc, disable=disabled, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.1, leave=False, initial=initial)
+
+
+class LineProgress:
+    """The progress bar's interface for logs: `desc: n/total key=value ...` lines."""
+
+    def __init__(self, total: int, desc: str, disabled: bool, initial: int = 0,
+                 interval: float = 15.0):
+        self.total, self.desc, self.disabled, self.n = total, desc, disabled, initial
+        self.interval, self.postfix = interval, ""
+        self._last = time.monotonic()
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in kwargs.items())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if not self.disabled and (now - self._last >= self.interval):
+            self._last = now
+            print(f"{self.desc}: {self.n}/{self.total} {self.postfix}".rstrip(),
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def first_non_finite(**quantities: torch.Tensor | None) -> str | None:
@@ -204,6 +274,10 @@ def open_run(cfg: Any, stage: str, acc: Accelerator, model: Any,
     `checkpoint-*` an earlier run left), and `metrics.jsonl` kept up to the resume point."""
     ckpt = Checkpointer(cfg, stage, acc, model, optimizer)
     resumed = ckpt.resume()
-    log = MetricsLog(cfg.output_dir, acc.is_main_process,
-                     keep_until_step=resumed["step"] if resumed else None)
+    keep = {}
+    if resumed:
+        keep = ({"keep_rows": resumed["metrics_rows"]} if "metrics_rows" in resumed
+                else {"keep_until_step": resumed["step"]})
+    log = MetricsLog(cfg.output_dir, acc.is_main_process, **keep)
+    ckpt.log = log
     return ckpt, resumed, log

@@ -19,7 +19,6 @@ al. 2023) squares the distance of the per-token h to 1 / (2 beta); `simpo` (Meng
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,11 +41,11 @@ from rlhf_toy.train.common import (
     batch_indices,
     check_context,
     check_vocab,
+    finish_stage,
     first_non_finite,
     open_run,
     progress,
     start_stage,
-    write_json,
 )
 
 EVAL_BATCH_SIZE = 256
@@ -380,7 +379,5 @@ def _finish(cfg: DPOConfig, acc, model, ctx: DPOContext, log: MetricsLog,
                "wall_s": time.perf_counter() - t0}
     if acc.is_main_process:
         log.write(cfg.max_steps, **last_row, **after)
-        model.save_pretrained(cfg.output_dir)
-        ctx.tokenizer.save_pretrained(cfg.output_dir)
-        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    finish_stage(cfg, acc, model, ctx.tokenizer, summary)
     return summary

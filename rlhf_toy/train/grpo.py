@@ -30,6 +30,8 @@ from rlhf_toy.train.onpolicy import (
 class GRPOConfig(OnPolicyConfig):
     """GRPO: group-normalized outcome rewards, no critic (Shao et al. 2024)."""
 
+    output_dir: str = _f("runs/default/grpo", "directory this stage writes its artifacts into")
+
     num_generations: int = _f(4, "G: completions per prompt, the group a reward is "
                                  "normalized in (>= 2)")
     beta: float = _f(0.2, "KL coefficient (the paper uses 0.04; 0.2 keeps the tiny policy "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -49,11 +48,11 @@ from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
     check_context,
     check_vocab,
+    finish_stage,
     first_non_finite,
     open_run,
     progress,
     start_stage,
-    write_json,
 )
 from rlhf_toy.train.snapshots import write_training_snapshot
 
@@ -361,7 +360,5 @@ def finish(cfg: OnPolicyConfig, acc, unwrapped, tokenizer, log, before: dict, af
     if acc.is_main_process:
         log.write(cfg.max_steps, eval_gold=after["gold_reward"], eval_proxy=after["proxy_reward"],
                   eval_kl=after["kl_to_ref"])
-        unwrapped.save_pretrained(cfg.output_dir)
-        tokenizer.save_pretrained(cfg.output_dir)
-        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    finish_stage(cfg, acc, unwrapped, tokenizer, summary)
     return summary

@@ -37,6 +37,8 @@ from rlhf_toy.train.onpolicy import OnPolicyMethod, Rollout, run_onpolicy
 class PPOConfig(OnPolicyConfig):
     """PPO with a per-token KL penalty to the frozen SFT reference (Ziegler et al. 2019)."""
 
+    output_dir: str = _f("runs/default/ppo", "directory this stage writes its artifacts into")
+
     gamma: float = _f(1.0, "discount over response tokens")
     lam: float = _f(0.95, "GAE lambda")
     clip_range_value: float = _f(0.2, "value clipping around the old values")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -13,7 +12,8 @@ from rlhf_toy.evaluate import SamplingArgs
 from rlhf_toy.models import load_policy
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
-from rlhf_toy.train.common import check_context, start_stage, write_json
+from rlhf_toy.train.common import check_context, finish_stage, start_stage
+from rlhf_toy.train.rundir import commit_run
 
 
 def run_prefs(cfg: PrefsConfig) -> dict:
@@ -34,6 +34,7 @@ def run_prefs(cfg: PrefsConfig) -> dict:
                "ties_train": float((gold_gap == 0).float().mean()),
                "wall_s": time.perf_counter() - t0}
     if acc.is_main_process:
+        commit_run(cfg.output_dir)
         data.save_to_disk(cfg.output_dir)
-        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    finish_stage(cfg, acc, None, None, summary)
     return summary

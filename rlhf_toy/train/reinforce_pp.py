@@ -22,6 +22,8 @@ from rlhf_toy.train.onpolicy import OnPolicyMethod, Rollout, critic_free_policy,
 class ReinforcePPConfig(OnPolicyConfig):
     """REINFORCE++: token-level KL reward, globally whitened returns-to-go, no critic."""
 
+    output_dir: str = _f("runs/default/reinforce_pp", "directory this stage writes its artifacts into")
+
     gamma: float = _f(1.0, "discount of the returns-to-go over response tokens")
     learning_rate: float = _f(5e-4, "AdamW learning rate (half PPO's: without a critic's "
                                     "baseline the updates are noisier)")

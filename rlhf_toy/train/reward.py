@@ -7,7 +7,6 @@ Ouyang et al. 2022 eq. 1): mean(-log sigmoid(r(chosen) - r(rejected))).
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -20,11 +19,11 @@ from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
     batch_indices,
     check_vocab,
+    finish_stage,
     first_non_finite,
     open_run,
     progress,
     start_stage,
-    write_json,
 )
 
 
@@ -103,7 +102,5 @@ def run_reward(cfg: RewardConfig) -> dict:
     if acc.is_main_process:
         log.write(cfg.max_steps, eval_accuracy=summary["eval_accuracy"],
                   eval_loss=summary["eval_loss"])
-        model.save_pretrained(cfg.output_dir)
-        tokenizer.save_pretrained(cfg.output_dir)
-        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    finish_stage(cfg, acc, model, tokenizer, summary)
     return summary

@@ -29,6 +29,8 @@ from rlhf_toy.train.onpolicy import (
 class RLOOConfig(OnPolicyConfig):
     """RLOO: a leave-one-out baseline over k completions per prompt, no critic."""
 
+    output_dir: str = _f("runs/default/rloo", "directory this stage writes its artifacts into")
+
     num_generations: int = _f(4, "k: completions per prompt (>= 2)")
     ppo_epochs: int = _f(2, "passes over each rollout batch (a sequence-level ratio moves "
                             "faster than a token's: fewer passes than PPO)")

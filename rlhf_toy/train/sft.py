@@ -6,7 +6,6 @@ included); prompt tokens are context only.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -21,11 +20,11 @@ from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
 from rlhf_toy.train.common import (
     batch_indices,
+    finish_stage,
     first_non_finite,
     open_run,
     progress,
     start_stage,
-    write_json,
 )
 
 
@@ -97,7 +96,5 @@ def run_sft(cfg: SFTConfig) -> dict:
                "wall_s": time.perf_counter() - t0}
     if acc.is_main_process:
         log.write(cfg.max_steps, eval_loss=eval_loss, gold_reward=ev["gold_reward"])
-        model.save_pretrained(cfg.output_dir)
-        tokenizer.save_pretrained(cfg.output_dir)
-        write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    finish_stage(cfg, acc, model, tokenizer, summary)
     return summary

@@ -13,6 +13,7 @@ import torch
 from rlhf_toy.core import kl_per_token
 from rlhf_toy.rollout import decode_responses
 from rlhf_toy.train.common import write_json
+from rlhf_toy.train.rundir import commit_run
 
 CRITIC_COLUMNS = ("value", "return", "advantage")
 TRAINING_SAMPLES = 4  # rollouts per `inspect_steps` snapshot during PPO training
@@ -61,6 +62,7 @@ def write_training_snapshot(output_dir: str, step: int, batch, tokenizer, prompt
     With a critic the advantages are recomputed raw as `returns - values` (the batch's may
     be whitened); critic-free rollouts show their own advantages (value/return may be None).
     """
+    commit_run(output_dir)  # the run's first output may be this snapshot
     head = batch.select(torch.arange(min(n, len(prompts)), device=batch.mask.device))
     raw = head.advantages if head.values is None else head.returns - head.values
     samples = ppo_records(head, tokenizer, prompts[:n], gold[:n], cfg.kl_estimator, raw)
