@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+from typing import Any
 
 from rlhf_toy.errors import UsageError
 
@@ -122,3 +124,13 @@ def error_reason(exc: BaseException) -> str:
         return exc.strerror
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write JSON atomically (temporary file, then rename): a crash never leaves half a file."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)

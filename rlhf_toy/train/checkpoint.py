@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -19,13 +18,11 @@ from accelerate import Accelerator
 from rlhf_toy.config import to_dict
 from rlhf_toy.errors import NonFiniteError, StorageError, UsageError
 from rlhf_toy.integrity import error_reason, verify_manifest, write_manifest
-from rlhf_toy.train.rundir import commit_run, current_run
+from rlhf_toy.train.rundir import CHECKPOINT_PREFIX, checkpoint_step, commit_run, current_run
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.pt"
-_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 def rng_state() -> dict:
@@ -52,18 +49,12 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def checkpoint_step(name: str) -> int | None:
-    """The step of a `checkpoint-<step>` directory name, else None."""
-    m = _CHECKPOINT_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every complete `checkpoint-<step>/` in `output_dir`, by step."""
     if not os.path.isdir(output_dir):
         return []
-    found = [(int(m.group(1)), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
-             if (m := _CHECKPOINT_RE.match(name))]
+    found = [(step, os.path.join(output_dir, name)) for name in os.listdir(output_dir)
+             if (step := checkpoint_step(name)) is not None]
     return sorted((step, path) for step, path in found
                   if os.path.isfile(os.path.join(path, TRAINER_STATE)))
 

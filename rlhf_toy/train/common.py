@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from rlhf_toy.errors import NonFiniteError, StorageError, UsageError
-from rlhf_toy.integrity import error_reason, write_manifest
+from rlhf_toy.integrity import error_reason, write_json, write_manifest  # noqa: F401 - write_json re-exported
 from rlhf_toy.train.checkpoint import (
     Checkpointer,
     list_checkpoints,
@@ -94,16 +94,6 @@ def finish_stage(cfg: Any, acc: Accelerator, model: Any, tokenizer: Any, summary
             raise StorageError(f"saving the final files into {cfg.output_dir!r} failed "
                                f"({error_reason(exc)}); {kept}") from None
     release_run(cfg.output_dir)
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename): a crash never leaves half a file."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 class MetricsLog:

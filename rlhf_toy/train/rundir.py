@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 from typing import Any
 
 from rlhf_toy.config import to_dict
 from rlhf_toy.errors import UsageError
-from rlhf_toy.integrity import read_json_file
+from rlhf_toy.integrity import read_json_file, write_json
 
 LOCK_FILE = ".lock"
 RUN_CONFIG = "run_config.json"
@@ -31,6 +32,16 @@ METRICS = "metrics.jsonl"
 INPUT_FIELDS = ("sft_dir", "reward_dir", "prefs_dir", "ppo_dir", "dpo_dir")
 
 _OPEN: dict[str, RunDir] = {}  # realpath of output_dir -> the run writing into it
+
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a `checkpoint-<step>` directory name, else None."""
+    m = _CHECKPOINT_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def read_run_config(path: str) -> dict:
@@ -123,16 +134,12 @@ class RunDir:
         if self.resumed is not None:
             earlier = read_run_config(self.path)
             record["history"] = [*earlier.get("history", []), self.resumed]
-        from rlhf_toy.train.common import write_json
-
         write_json(os.path.join(self.path, RUN_CONFIG), record)
 
     def _retire(self, keep_until: int | None) -> None:
         """Remove an earlier run's files. Resuming (`keep_until` = the resume step) keeps
         the checkpoints up to it, the metrics, the run config and the training snapshots
         (later ones are rewritten as the run reaches them); else only the lock stays."""
-        from rlhf_toy.train.checkpoint import checkpoint_step
-
         keep = {LOCK_FILE} if keep_until is None else {LOCK_FILE, RUN_CONFIG, METRICS, "inspect"}
         for name in os.listdir(self.path):
             step = checkpoint_step(name)
