@@ -20,10 +20,11 @@ import os
 import socket
 import subprocess
 import sys
+from functools import partial
 
 import torch
 
-from rlhf_toy.core import dpo_loss, logprobs_from_logits
+from rlhf_toy.core import PREFERENCE_LOSSES, logprobs_from_logits
 from rlhf_toy.models import PolicyWithValueHead, build_policy
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
@@ -104,7 +105,7 @@ def updated_weights(acc) -> dict[str, dict[str, torch.Tensor]]:
     policy.train()
     for step in range(2):
         value, _ = batch_loss(policy, data, dpo_indices(acc, step),
-                              lambda *x: dpo_loss(*x, beta=0.5), tok.pad_token_id)
+                              partial(PREFERENCE_LOSSES["sigmoid"], beta=0.5), tok.pad_token_id)
         acc.backward(value)
         acc.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()

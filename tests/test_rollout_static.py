@@ -120,7 +120,9 @@ def test_cuda_graph_decode_matches_eager_decode(autocast, monkeypatch):
 def test_dpo_select_and_lazy_stats_match_the_eager_versions():
     """(DPO step overhead) `PreferenceTensors.select` sizes batches from host masks exactly
     as `data.select_batch` does, and the lazy stats read the same numbers."""
-    from rlhf_toy.core import dpo_loss
+    from functools import partial
+
+    from rlhf_toy.core import PREFERENCE_LOSSES
     from rlhf_toy.data import select_batch, tokenize_pairs
     from rlhf_toy.train.dpo import PreferenceTensors, batch_loss
 
@@ -137,7 +139,7 @@ def test_dpo_select_and_lazy_stats_match_the_eager_versions():
             for k in want:
                 assert torch.equal(got[k], want[k]), k
     value, stats = batch_loss(model, data, torch.tensor([0, 2, 3]),
-                              lambda *a: dpo_loss(*a, beta=0.5), tok.pad_token_id)
+                              partial(PREFERENCE_LOSSES["sigmoid"], beta=0.5), tok.pad_token_id)
     assert isinstance(stats["reward_accuracy"], float)
     assert set(stats) == {"chosen_rewards", "rejected_rewards", "reward_accuracy",
                           "reward_margin", "logps_chosen", "logps_rejected"}
