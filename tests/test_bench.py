@@ -22,7 +22,8 @@ def test_bench_script_writes_all_rows_with_positive_fields(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["device"].startswith("cpu") and result["size"] == "test"
-    assert [r["name"] for r in result["rows"]] == ["rollout", "ppo_iteration", "dpo_step"]
+    assert [r["name"] for r in result["rows"]] == ["rollout", "ppo_iteration", "grpo_step",
+                                                   "rloo_step", "dpo_step"]
     for row in result["rows"]:
         assert row["baseline"], row["name"]
         for field in FIELDS:
@@ -30,11 +31,12 @@ def test_bench_script_writes_all_rows_with_positive_fields(tmp_path):
         assert row["speedup"] == pytest.approx(row["baseline_s"] / row["ours_s"])
         assert row["name"] in proc.stdout
     assert "RLOOTrainer" in proc.stdout and "no PPO trainer" in proc.stdout
+    assert "GRPOTrainer" in proc.stdout
 
 
 def test_bench_without_trl_skips_the_baseline_with_a_note(monkeypatch):
     monkeypatch.setattr(bench, "_have_trl", lambda: False)
-    result = bench.run_bench("cpu", "test", rows=("ppo_iteration", "dpo_step"), repeats=1)
+    result = bench.run_bench("cpu", "test", rows=("ppo_iteration", "grpo_step", "dpo_step"), repeats=1)
     for row in result["rows"]:
         assert row["baseline"] is None and row["baseline_s"] is None and row["speedup"] is None
         assert row["ours_s"] > 0 and row["mfu"] > 0 and "baseline skipped" in row["note"]
