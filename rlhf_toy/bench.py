@@ -173,11 +173,24 @@ def n_flop_params(model) -> int:
     return sum(p.numel() for p in model.parameters()) - wpe
 
 
+def pair_speedup_quartiles(ours: list[float], baseline: list[float]) -> list[float] | None:
+    """Quartiles (25 %, 50 %, 75 %) of baseline / ours over the timed A/B pairs: the spread
+    of the speedup under a noisy machine (None without a baseline)."""
+    if not baseline:
+        return None
+    ratios = [b / o for o, b in zip(ours, baseline, strict=False)]
+    if len(ratios) == 1:
+        return ratios * 3
+    return statistics.quantiles(ratios, n=4, method="inclusive")
+
+
 def _row(name, baseline, timer, tokens, flops, peak_flops, note):
     ours_s, base_s = timer.medians()
+    quartiles = pair_speedup_quartiles(timer.ours[timer.warmup:], timer.baseline[timer.warmup:])
     return {"name": name, "ours_s": ours_s, "baseline": baseline, "baseline_s": base_s,
-            "speedup": (base_s / ours_s) if base_s else None, "tokens_per_s": tokens / ours_s,
-            "peak_mem_mb": timer.peak_mb, "mfu": flops / ours_s / peak_flops, "note": note}
+            "speedup": (base_s / ours_s) if base_s else None, "pair_speedup_quartiles": quartiles,
+            "tokens_per_s": tokens / ours_s, "peak_mem_mb": timer.peak_mb,
+            "mfu": flops / ours_s / peak_flops, "note": note}
 
 
 def bench_rollout(st: Setup, peak_flops: float) -> dict:
@@ -548,9 +561,11 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         base = "-" if r["baseline_s"] is None else f"{r['baseline_s']:.4f}"
         speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}"
+        q = r.get("pair_speedup_quartiles")
+        spread = "" if q is None else f"  (pairs: {q[0]:.2f}-{q[2]:.2f})"
         lines.append(f"{r['name']:<15}{r['ours_s']:>10.4f}{base:>12}{speed:>9}"
                      f"{r['tokens_per_s']:>11.0f}{r['peak_mem_mb']:>9.0f}{r['mfu']:>9.2%}"
-                     f"  {r['baseline'] or 'skipped'}")
+                     f"  {r['baseline'] or 'skipped'}{spread}")
     lines += [f"  {r['name']}: {r['note']}" for r in result["rows"]]
     return "\n".join(lines)
 
