@@ -11,6 +11,9 @@ same model weights, tokenizer, data and batch shape, and reports medians:
   number of completions of the same maximum length and the same number of optimizer
   updates. TRL 1.x has no PPO trainer;
   RLOO is its nearest on-policy trainer (no critic; a reward model and a KL reference).
+- `grpo_step`, `rloo_step`: one iteration of `GRPO` / `RLOO` on the same loop vs one
+  `trl.GRPOTrainer` / `trl.RLOOTrainer` generation cycle at equal work: same prompts per
+  cycle and completions per prompt, lengths, number of updates, loss and KL coefficient.
 - `dpo_step`: one rlhf_toy DPO optimizer step (cached reference log-probs) vs one
   `trl.DPOTrainer` step (its default: a reference forward pass every step).
 
@@ -170,11 +173,24 @@ def n_flop_params(model) -> int:
     return sum(p.numel() for p in model.parameters()) - wpe
 
 
+def pair_speedup_quartiles(ours: list[float], baseline: list[float]) -> list[float] | None:
+    """Quartiles (25 %, 50 %, 75 %) of baseline / ours over the timed A/B pairs: the spread
+    of the speedup under a noisy machine (None without a baseline)."""
+    if not baseline:
+        return None
+    ratios = [b / o for o, b in zip(ours, baseline, strict=False)]
+    if len(ratios) == 1:
+        return ratios * 3
+    return statistics.quantiles(ratios, n=4, method="inclusive")
+
+
 def _row(name, baseline, timer, tokens, flops, peak_flops, note):
     ours_s, base_s = timer.medians()
+    quartiles = pair_speedup_quartiles(timer.ours[timer.warmup:], timer.baseline[timer.warmup:])
     return {"name": name, "ours_s": ours_s, "baseline": baseline, "baseline_s": base_s,
-            "speedup": (base_s / ours_s) if base_s else None, "tokens_per_s": tokens / ours_s,
-            "peak_mem_mb": timer.peak_mb, "mfu": flops / ours_s / peak_flops, "note": note}
+            "speedup": (base_s / ours_s) if base_s else None, "pair_speedup_quartiles": quartiles,
+            "tokens_per_s": tokens / ours_s, "peak_mem_mb": timer.peak_mb,
+            "mfu": flops / ours_s / peak_flops, "note": note}
 
 
 def bench_rollout(st: Setup, peak_flops: float) -> dict:
@@ -266,25 +282,67 @@ def _trl_args(cls, st: Setup, out: str, **kw):
     return cls(**{k: v for k, v in args.items() if k in fields})
 
 
-def _ppo_config(st: Setup):
-    from rlhf_toy.train.ppo import PPOConfig
-
+def _onpolicy_config(st: Setup, cls, **kw):
+    """An on-policy stage config of this size; `kw` sets the method's own fields."""
     s = st.size
-    return PPOConfig(output_dir="unused", batch_size=s.batch_size,
-                     mini_batch_size=s.mini_batch_size, ppo_epochs=s.ppo_epochs,
-                     max_new_tokens=s.max_new_tokens, temperature=TEMPERATURE, beta=0.05,
-                     learning_rate=1e-5, device=st.device.type,
-                     mixed_precision="bf16" if st.device.type == "cuda" else "no")
+    return cls(output_dir="unused", batch_size=s.batch_size, mini_batch_size=s.mini_batch_size,
+               ppo_epochs=s.ppo_epochs, max_new_tokens=s.max_new_tokens, temperature=TEMPERATURE,
+               learning_rate=1e-5, device=st.device.type,
+               mixed_precision="bf16" if st.device.type == "cuda" else "no", **kw)
 
 
-def bench_ppo(st: Setup, peak_flops: float) -> dict:
-    """One rlhf_toy PPO iteration vs one RLOOTrainer generation cycle (same updates)."""
-    from rlhf_toy.train.onpolicy import collect_rollout, update
-    from rlhf_toy.train.ppo import PPO
+def _num_generations(s: Size) -> int:
+    return 4 if s.batch_size % 4 == 0 else 2
 
-    s, cfg, tok = st.size, _ppo_config(st), st.tokenizer
+
+@dataclass(frozen=True)
+class OnPolicyRow:
+    """One on-policy row: our method and config, and the TRL trainer doing the same work."""
+
+    name: str
+    method: object  # train.onpolicy.OnPolicyMethod
+    cfg: object  # its OnPolicyConfig
+    critic: bool  # ours trains a value head (PPO)
+    trl: str  # "RLOO" or "GRPO": trl.<trl>Trainer / trl.<trl>Config
+    trl_kw: dict  # the trainer's method fields (beta, loss type, ...)
+    note: str
+
+
+def _onpolicy_rows(st: Setup) -> dict[str, OnPolicyRow]:
+    from rlhf_toy.train.grpo import GRPO, GRPOConfig
+    from rlhf_toy.train.ppo import PPO, PPOConfig
+    from rlhf_toy.train.rloo import RLOO, RLOOConfig
+
+    s, g = st.size, _num_generations(st.size)
+    ppo_note = (f"ours: {s.batch_size} rollouts x <= {s.max_new_tokens} tokens, reward model, "
+                "ref, value head; TRL 1.x has no PPO trainer, baseline is RLOOTrainer "
+                f"(nearest on-policy): {s.batch_size} completions ({g} per prompt), beta=0.05 "
+                "ref")
+    return {
+        "ppo_iteration": OnPolicyRow(
+            "ppo_iteration", PPO, _onpolicy_config(st, PPOConfig, beta=0.05), True, "RLOO",
+            {"beta": 0.05}, ppo_note),
+        "grpo_step": OnPolicyRow(
+            "grpo_step", GRPO, _onpolicy_config(st, GRPOConfig, num_generations=g, beta=0.04),
+            False, "GRPO", {"beta": 0.04, "loss_type": "grpo", "scale_rewards": "group"},
+            f"both: {s.batch_size // g} prompts x {g} completions, group-normalized rewards, "
+            "token-level clipped loss + 0.04 * k3 to the ref (TRL loss_type=grpo)"),
+        "rloo_step": OnPolicyRow(
+            "rloo_step", RLOO, _onpolicy_config(st, RLOOConfig, num_generations=g, beta=0.05),
+            False, "RLOO", {"beta": 0.05},
+            f"both: {s.batch_size // g} prompts x {g} completions, leave-one-out baseline, "
+            "beta=0.05 sequence KL in the reward, sequence-level clipped ratio"),
+    }
+
+
+def bench_onpolicy(st: Setup, peak_flops: float, row: OnPolicyRow) -> dict:
+    """One rlhf_toy on-policy iteration vs one TRL generation cycle (same updates)."""
+    from rlhf_toy.models import CriticFreePolicy
+    from rlhf_toy.train.onpolicy import collect_rollout, iteration_prompts, update
+
+    s, cfg, tok = st.size, row.cfg, st.tokenizer
     updates = s.ppo_epochs * (s.batch_size // s.mini_batch_size)
-    model = PolicyWithValueHead(st.policy())
+    model = (PolicyWithValueHead if row.critic else CriticFreePolicy)(st.policy())
     ref = freeze(st.policy()).to(st.device)
     rm = freeze(st.reward_model()).to(st.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=True)  # as run_ppo
@@ -297,29 +355,28 @@ def bench_ppo(st: Setup, peak_flops: float) -> dict:
     def ours():
         it[0] += 1
         gen = torch.Generator(device=st.device).manual_seed(st.seed + it[0])
-        prompts = st.prompts(s.batch_size, salt=it[0])
+        prompts = iteration_prompts(st.task, cfg, st.seed * 1000 + it[0])
         unwrapped.eval()
         with st.acc.autocast():
-            batch = collect_rollout(PPO, unwrapped, ref, rm, tok, prompts, cfg, cfg.beta, gen)
+            batch = collect_rollout(row.method, unwrapped, ref, rm, tok, prompts, cfg, cfg.beta,
+                                    gen)
         lengths.append(batch.prompt_ids.shape[1] + batch.response_ids.shape[1])
         model.train()
-        update(PPO, model, optimizer, st.acc, batch, cfg, cfg.beta,
+        update(row.method, model, optimizer, st.acc, batch, cfg, cfg.beta,
                torch.Generator().manual_seed(it[0]))
 
-    num_generations = 4 if s.batch_size % 4 == 0 else 2
-    note = (f"ours: {s.batch_size} rollouts x <= {s.max_new_tokens} tokens, reward model, ref, "
-            f"value head, {s.ppo_epochs} epochs x {s.batch_size // s.mini_batch_size} minibatches "
-            f"= {updates} updates; TRL 1.x has no PPO trainer, baseline is RLOOTrainer (nearest "
-            f"on-policy): {s.batch_size} completions ({num_generations} per prompt) x <= "
-            f"{s.max_new_tokens} tokens, same reward model, beta=0.05 ref, {updates} updates")
+    g = _num_generations(s)
+    note = (f"{row.note}; {s.batch_size} completions x <= {s.max_new_tokens} tokens, "
+            f"{s.ppo_epochs} epochs x {s.batch_size // s.mini_batch_size} minibatches = "
+            f"{updates} updates on each side")
     if not _have_trl():
         ours_only(timer, ours, s)
-        return _row("ppo_iteration", None, timer,
-                    *_ppo_tokens_flops(s, unwrapped.policy, lengths), peak_flops,
-                    note + "; trl not installed: baseline skipped")
+        return _row(row.name, None, timer, *_ppo_tokens_flops(s, unwrapped.policy, lengths),
+                    peak_flops, note + "; trl not installed: baseline skipped")
+    import trl
     from datasets import Dataset
-    from trl import RLOOConfig, RLOOTrainer
 
+    config_cls, trainer_cls = getattr(trl, f"{row.trl}Config"), getattr(trl, f"{row.trl}Trainer")
     with tempfile.TemporaryDirectory() as tmp:
         policy_dir = os.path.join(tmp, "policy")
         st.policy().save_pretrained(policy_dir)
@@ -328,19 +385,34 @@ def bench_ppo(st: Setup, peak_flops: float) -> dict:
         # trailing space: TRL scores prompt + completion as one string
         prompts = [p + " " for p in st.prompts(units * s.batch_size, salt=99)]
         args = _trl_args(
-            RLOOConfig, st, os.path.join(tmp, "out"), per_device_train_batch_size=s.mini_batch_size,
-            gradient_accumulation_steps=1, steps_per_generation=s.batch_size // s.mini_batch_size,
-            num_iterations=s.ppo_epochs, num_generations=num_generations,
-            max_completion_length=s.max_new_tokens, temperature=TEMPERATURE, top_k=0,
-            beta=0.05, learning_rate=1e-5, max_steps=units * updates, disable_dropout=True,
-            max_grad_norm=1.0)
-        trainer = RLOOTrainer(model=policy_dir, reward_funcs=rm, args=args,
+            config_cls, st, os.path.join(tmp, "out"),
+            per_device_train_batch_size=s.mini_batch_size, gradient_accumulation_steps=1,
+            steps_per_generation=s.batch_size // s.mini_batch_size, num_iterations=s.ppo_epochs,
+            num_generations=g, max_completion_length=s.max_new_tokens, temperature=TEMPERATURE,
+            top_k=0, learning_rate=1e-5, max_steps=units * updates, disable_dropout=True,
+            max_grad_norm=1.0, **row.trl_kw)
+        trainer = trainer_cls(model=policy_dir, reward_funcs=rm, args=args,
                               train_dataset=Dataset.from_dict({"prompt": prompts}),
                               processing_class=tok, reward_processing_classes=tok,
                               callbacks=[_Interleave(timer, updates, ours).callback()])
         _quiet(trainer).train()
-    return _row("ppo_iteration", "trl RLOOTrainer", timer,
+    return _row(row.name, f"trl {row.trl}Trainer", timer,
                 *_ppo_tokens_flops(s, unwrapped.policy, lengths), peak_flops, note)
+
+
+def bench_ppo(st: Setup, peak_flops: float) -> dict:
+    """One PPO iteration (critic, GAE) vs one RLOOTrainer generation cycle."""
+    return bench_onpolicy(st, peak_flops, _onpolicy_rows(st)["ppo_iteration"])
+
+
+def bench_grpo(st: Setup, peak_flops: float) -> dict:
+    """One GRPO iteration vs one GRPOTrainer generation cycle."""
+    return bench_onpolicy(st, peak_flops, _onpolicy_rows(st)["grpo_step"])
+
+
+def bench_rloo(st: Setup, peak_flops: float) -> dict:
+    """One RLOO iteration vs one RLOOTrainer generation cycle."""
+    return bench_onpolicy(st, peak_flops, _onpolicy_rows(st)["rloo_step"])
 
 
 def _ppo_tokens_flops(s: Size, policy, lengths: list[int]) -> tuple[float, float]:
@@ -442,7 +514,8 @@ def _run_trl_dpo(st: Setup, pairs: dict, timer: Timer, ours) -> None:
         _quiet(trainer).train()
 
 
-ROWS = {"rollout": bench_rollout, "ppo_iteration": bench_ppo, "dpo_step": bench_dpo}
+ROWS = {"rollout": bench_rollout, "ppo_iteration": bench_ppo, "grpo_step": bench_grpo,
+        "rloo_step": bench_rloo, "dpo_step": bench_dpo}
 
 
 def run_bench(device: str = "cpu", size: str = "tiny", rows: tuple[str, ...] = tuple(ROWS),
@@ -488,9 +561,11 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         base = "-" if r["baseline_s"] is None else f"{r['baseline_s']:.4f}"
         speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}"
+        q = r.get("pair_speedup_quartiles")
+        spread = "" if q is None else f"  (pairs: {q[0]:.2f}-{q[2]:.2f})"
         lines.append(f"{r['name']:<15}{r['ours_s']:>10.4f}{base:>12}{speed:>9}"
                      f"{r['tokens_per_s']:>11.0f}{r['peak_mem_mb']:>9.0f}{r['mfu']:>9.2%}"
-                     f"  {r['baseline'] or 'skipped'}")
+                     f"  {r['baseline'] or 'skipped'}{spread}")
     lines += [f"  {r['name']}: {r['note']}" for r in result["rows"]]
     return "\n".join(lines)
 

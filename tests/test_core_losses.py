@@ -11,6 +11,7 @@ from rlhf_toy.core import (
     dpo_loss,
     entropy_from_logits,
     ipo_loss,
+    kl_per_token,
     logprobs_from_logits,
     masked_mean,
     ppo_policy_loss,
@@ -238,3 +239,31 @@ def test_bradley_terry_loss_by_hand():
     assert bradley_terry_loss(s, z).item() == pytest.approx(
         dpo_loss(s, z, z, z, beta=1.0)[0].mean().item())
     assert bradley_terry_loss(s, z).item() == pytest.approx(-F.logsigmoid(s).mean().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ppo_stats_in_one_sync_equal_each_statistic_read_alone(dtype):
+    """The stats come back from one host sync; each must be exactly the float that reading
+    it alone (`masked_mean(...).item()`, the max over real tokens) gives, and a batch
+    without real tokens reports ratio_max 1."""
+    g = torch.Generator().manual_seed(0)
+    logprobs, old = (torch.randn(5, 7, generator=g, dtype=dtype) * 0.3 for _ in range(2))
+    values, old_values, returns = (torch.randn(5, 7, generator=g, dtype=dtype) for _ in range(3))
+    advantages = torch.randn(5, 7, generator=g, dtype=dtype)
+    mask = torch.rand(5, 7, generator=g) < 0.6
+    _, stats = ppo_policy_loss(logprobs, old, advantages, mask, 0.1)
+    log_ratio = torch.where(mask, logprobs - old, torch.zeros_like(logprobs))
+    ratio = log_ratio.exp()
+    cut = -advantages * ratio.clamp(0.9, 1.1) > -advantages * ratio
+    approx_kl = kl_per_token(torch.zeros_like(log_ratio), log_ratio, "k3")
+    assert stats["clip_frac"] == masked_mean(cut.float(), mask).item()
+    assert stats["ratio_mean"] == masked_mean(ratio, mask).item()
+    assert stats["ratio_max"] == ratio[mask].max().item()
+    assert stats["approx_kl"] == masked_mean(approx_kl, mask).item()
+    _, vstats = ppo_value_loss(values, old_values, returns, mask, 0.2)
+    v_clipped = old_values + (values - old_values).clamp(-0.2, 0.2)
+    worse = (v_clipped - returns).pow(2) > (values - returns).pow(2)
+    assert vstats["value_clip_frac"] == masked_mean(worse.float(), mask).item()
+    assert vstats["value_mean"] == masked_mean(values, mask).item()
+    _, empty = ppo_policy_loss(logprobs, old, advantages, torch.zeros_like(mask), 0.1)
+    assert empty["ratio_max"] == 1.0 and empty["clip_frac"] == 0.0

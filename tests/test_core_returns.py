@@ -257,3 +257,40 @@ def test_gae_padding_in_the_middle_is_invisible():
     adv, ret = gae(rewards, values, dones, 0.9, 0.8, mask=mask)
     torch.testing.assert_close(adv, t([[2.12, 0.0, 1.0]]))
     torch.testing.assert_close(ret, t([[2.62, 0.0, 2.0]]))
+
+
+def _stepwise_gae(rewards, values, dones, gamma, lam, mask):
+    """The previous implementation of `gae` (every op inside the loop over time), kept as
+    the reference that the TD errors computed all at once must reproduce bit for bit."""
+    real = mask.bool()
+    r = torch.where(real, rewards, torch.zeros_like(rewards))
+    v = torch.where(real, values, torch.zeros_like(values))
+    done = dones.bool() & real
+    adv = torch.zeros_like(r)
+    next_value, running = r.new_zeros(r.shape[0]), r.new_zeros(r.shape[0])
+    for k in reversed(range(r.shape[1])):
+        keep = ~done[:, k]
+        delta = r[:, k] + torch.where(keep, gamma * next_value, 0.0) - v[:, k]
+        step = delta + torch.where(keep, gamma * lam * running, 0.0)
+        running = torch.where(real[:, k], step, running)
+        next_value = torch.where(real[:, k], v[:, k], next_value)
+        adv[:, k] = torch.where(real[:, k], running, 0.0)
+    return adv, torch.where(real, adv + v, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gae_is_bit_identical_to_the_stepwise_loop_for_any_padding(dtype):
+    """Random rewards/values, random dones and random masks (padding at the ends and in the
+    middle, empty rows, garbage in padding): exactly equal bits, not just close."""
+    g = torch.Generator().manual_seed(0)
+    for gamma, lam in ((1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.5, 0.0)):
+        for _ in range(20):
+            rewards = torch.randn(6, 9, generator=g, dtype=dtype)
+            values = torch.randn(6, 9, generator=g, dtype=dtype)
+            dones = (torch.rand(6, 9, generator=g) < 0.2).to(dtype)
+            mask = torch.rand(6, 9, generator=g) < 0.7
+            mask[0] = False  # an empty row
+            rewards = torch.where(mask, rewards, torch.full_like(rewards, float("nan")))
+            adv, ret = gae(rewards, values, dones, gamma, lam, mask=mask)
+            want_adv, want_ret = _stepwise_gae(rewards, values, dones, gamma, lam, mask)
+            assert torch.equal(adv, want_adv) and torch.equal(ret, want_ret)

@@ -9,6 +9,8 @@ the implicit rewards: callers reduce.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -114,12 +116,14 @@ def _ratio_stats(log_ratio: torch.Tensor, ratio: torch.Tensor, cut: torch.Tensor
     real = mask.bool()
     # k3 with "samples from old": kl_per_token(old, new) uses log r = new - old
     approx_kl = kl_per_token(torch.zeros_like(log_ratio), log_ratio, "k3")
-    return {
-        "clip_frac": masked_mean(cut.float(), mask).item(),
-        "approx_kl": masked_mean(approx_kl, mask).item(),
-        "ratio_mean": masked_mean(ratio, mask).item(),
-        "ratio_max": ratio[real].max().item() if real.any() else 1.0,
-    }
+    real_ratio = torch.where(real, ratio, torch.full_like(ratio, -math.inf))
+    ratio_max = real_ratio.amax() if real_ratio.numel() else real_ratio.new_tensor(-math.inf)
+    # one host sync for all four (float64 holds each float32 exactly, as `.item()` would)
+    clip_frac, kl, ratio_mean, ratio_max = torch.stack([
+        masked_mean(cut.float(), mask).double(), masked_mean(approx_kl, mask).double(),
+        masked_mean(ratio, mask).double(), ratio_max.double()]).tolist()
+    return {"clip_frac": clip_frac, "approx_kl": kl, "ratio_mean": ratio_mean,
+            "ratio_max": ratio_max if ratio_max > -math.inf else 1.0}  # no real element: 1
 
 
 def grpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
@@ -216,8 +220,9 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     err, err_clipped = (v - target).pow(2), (v_clipped - target).pow(2)
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
     with torch.no_grad():
-        stats = {"value_clip_frac": masked_mean((err_clipped > err).float(), mask).item(),
-                 "value_mean": masked_mean(v, mask).item()}
+        clip_frac, mean = torch.stack([masked_mean((err_clipped > err).float(), mask).double(),
+                                       masked_mean(v, mask).double()]).tolist()  # one sync
+    stats = {"value_clip_frac": clip_frac, "value_mean": mean}
     return loss, stats
 
 

@@ -133,6 +133,24 @@ def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float)
     return out[0] if one_d else out
 
 
+def _next_real_values(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """values[b, s] at the first real s > t for each (b, t), or 0 where no real step follows.
+
+    Args:
+        values: (B, T), 0 on padding.
+        real: (B, T) bool.
+    Returns:
+        (B, T).
+    """
+    b, t = values.shape
+    steps = torch.arange(t, device=values.device).expand(b, t)  # (B, T)
+    index = torch.where(real, steps, torch.full_like(steps, t))  # padding -> "none" (T)
+    first_real_from = index.flip(-1).cummin(-1).values.flip(-1)  # (B, T): first real s >= t
+    following = torch.cat([first_real_from[:, 1:], index.new_full((b, 1), t)], dim=1)  # s > t
+    padded = torch.cat([values, values.new_zeros(b, 1)], dim=1)  # (B, T + 1), column T is 0
+    return padded.gather(1, following)  # (B, T)
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma: float,
         lam: float, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, "High-Dimensional Continuous
@@ -162,16 +180,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma:
     else:
         real = (mask.unsqueeze(0) if one_d else mask).bool()
     r, v = _zero_padding(r, real), _zero_padding(v, real)
-    done = d.bool() & real
-    adv = torch.zeros_like(r)
-    next_value = r.new_zeros(r.shape[0])  # (B,): V_{t+1}, the next real step's value
+    keep = ~(d.bool() & real)  # (B, T): bootstrap past step t
+    # every TD error at once (the same elementwise ops as step by step, so the same bits);
+    # only the lam-recursion below runs over time
+    next_value = _next_real_values(v, real)  # (B, T): V of the next real step, 0 if none
+    delta = r + _zero_padding(gamma * next_value, keep) - v  # (B, T)
     running = r.new_zeros(r.shape[0])  # (B,): A_{t+1}
+    columns = []
     for t in reversed(range(r.shape[1])):
-        keep = ~done[:, t]
-        delta = r[:, t] + _zero_padding(gamma * next_value, keep) - v[:, t]
-        step = delta + _zero_padding(gamma * lam * running, keep)
+        step = delta[:, t] + _zero_padding(gamma * lam * running, keep[:, t])
         running = torch.where(real[:, t], step, running)
-        next_value = torch.where(real[:, t], v[:, t], next_value)
-        adv[:, t] = _zero_padding(running, real[:, t])
+        columns.append(running)
+    adv = (_zero_padding(torch.stack(columns[::-1], dim=1), real) if columns
+           else torch.zeros_like(r))  # T x (B,) -> (B, T)
     returns = _zero_padding(adv + v, real)
     return (adv[0], returns[0]) if one_d else (adv, returns)
