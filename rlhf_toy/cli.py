@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from rlhf_toy.config import parse_config
 from rlhf_toy.errors import NonFiniteError, StorageError, UsageError
-from rlhf_toy.methods import STAGES
+from rlhf_toy.methods import METHODS, STAGES
 
 
 def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
@@ -23,8 +23,7 @@ def _stages() -> dict[str, tuple[type, Callable[..., dict], list[str]]]:
 
 PIPELINE = ("sft", "prefs", "reward", "ppo", "dpo", "compare")
 # which earlier stage directory each input field of a stage points to in a pipeline run
-STAGE_INPUTS = {"sft_dir": "sft", "prefs_dir": "prefs", "reward_dir": "reward",
-                "ppo_dir": "ppo", "dpo_dir": "dpo"}
+STAGE_INPUTS = {"sft_dir": "sft", "prefs_dir": "prefs", "reward_dir": "reward"}
 
 
 @dataclasses.dataclass
@@ -34,7 +33,8 @@ class PipelineConfig:
     output_dir: str = dataclasses.field(default="runs/pipeline",
                                         metadata={"help": "run directory; stages go in subdirs"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed for every stage"})
-    task: str = dataclasses.field(default="sentiment", metadata={"help": "toy task name"})
+    task: str = dataclasses.field(default="sentiment", metadata={
+        "help": "toy task: a name or package.module:ClassName (a rlhf_toy.tasks.Task subclass)"})
     config_dir: str = dataclasses.field(
         default="", metadata={"help": "directory of per-stage YAML files (e.g. configs/gpu)"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda"})
@@ -42,10 +42,9 @@ class PipelineConfig:
         default=False, metadata={"help": "replace the stages of an earlier pipeline run"})
 
     def __post_init__(self) -> None:
-        from rlhf_toy.tasks import TASKS
+        from rlhf_toy.tasks import task_class
 
-        if self.task not in TASKS:
-            raise UsageError(f"task must be one of {sorted(TASKS)} (got {self.task!r})")
+        task_class(self.task)
         if os.path.isfile(self.output_dir):
             raise UsageError(f"output_dir {self.output_dir!r} is a file; give a directory")
         if self.config_dir and not os.path.isdir(self.config_dir):
@@ -64,6 +63,11 @@ def _stage_argv(pipe: PipelineConfig, stage: str, cls: type) -> list[str]:
     for name, source in STAGE_INPUTS.items():
         if name in names:
             argv += [f"--{name}", os.path.join(pipe.output_dir, source)]
+    if stage == "compare":  # the pipeline's own runs are compare's for --seed
+        argv += ["--method_dirs", *(f"{name}={os.path.join(pipe.output_dir, m.stage)}"
+                                    for name, m in METHODS.items()
+                                    if m.stage in PIPELINE and not m.overrides)]
+        argv += ["--config_dir", pipe.config_dir] if pipe.config_dir else []
     return argv
 
 
@@ -75,6 +79,9 @@ def run_pipeline(pipe: PipelineConfig) -> dict:
         cfg = parse_config(cls, _stage_argv(pipe, stage, cls), prog=f"rlhf-toy {stage}")
         results[stage] = runner(cfg)
         _print_line(stage, results[stage], keys)
+    compare = results["compare"]
+    print(f"report: {compare['report']}\nplots: {', '.join(compare['plots'].values())}",
+          flush=True)
     return results
 
 

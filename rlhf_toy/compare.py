@@ -1,70 +1,75 @@
-"""Stage `compare`: PPO versus DPO against the SFT reference, and a gold-reward/KL frontier.
+"""Stage `compare`: every method on every seed against the SFT reference, with error bars.
 
 Shapes: N held-out prompts, one sampled response each (lists of N floats per policy).
 
-Every policy is measured the same way (`Evaluator.measure`): one sample per held-out
-prompt (the same prompts, the same sampling seed), then
+For each seed, compare reuses the finished runs it is given (the pipeline's, for its own
+seed) and trains the rest with the same settings: sft, prefs, reward, then every method
+(`rlhf_toy.methods.METHODS`) and its beta sweep (the method's beta times each of
+`beta_factors`). Every policy of a seed is measured the same way (`Evaluator.measure`):
+one sample per held-out prompt (the same prompts for every seed; the seed's sampling
+seed), against that seed's SFT reference and reward model:
 - `gold_reward`: mean hidden gold reward (the truth; nothing trained on it);
-- `proxy_reward`: mean reward-model score (what PPO optimised);
+- `proxy_reward`: mean reward-model score (what the on-policy methods optimise);
 - `kl_to_ref`: KL(pi || ref) per response, estimated from the samples as the mean over
   responses of sum_t (log pi(a_t|s_t) - log ref(a_t|s_t)) (k1 summed over the response);
 - `win_rate_vs_ref`: how often its response beats the reference's under gold (ties 1/2);
-- `response_len`: mean response tokens, EOS included.
+- `response_len`, `eos_frac`: mean response tokens (EOS included), fraction ending in EOS.
 
-The frontier: short PPO and DPO runs over a list of betas, each a (KL, gold) point, plus
-the main runs and the reference itself at KL 0. Which method is ahead is read at equal
-KL: the best gold each reaches with KL at most the largest KL both methods reached.
+Over the seeds each number becomes a mean and its standard error (`core/stats.py`).
+A method's frontier is its trained policies only (main run and sweep), never the SFT
+point. Two methods are compared at equal KL: the best mean gold each reaches with mean KL
+at most the largest KL both reached; one is called ahead only when the gap is at least
+2 standard errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import math
 import os
 import sys
 import time
 
-from rlhf_toy.config import CompareConfig, DPOConfig
+from rlhf_toy.compare_report import plot_frontier, plot_training_curves, report_markdown
+from rlhf_toy.config import CompareConfig, parse_config, to_dict
+from rlhf_toy.core.stats import difference, is_significant, mean, standard_error
+from rlhf_toy.errors import UsageError
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy, win_rate
+from rlhf_toy.methods import METHODS, STAGES
 from rlhf_toy.models import freeze, load_policy, load_reward_model
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import finish_stage, read_run_config, start_stage
-from rlhf_toy.train.ppo import PPOConfig
 from rlhf_toy.train.rundir import commit_run
 
-METHOD_KEYS = ("gold_reward", "proxy_reward", "kl_to_ref", "win_rate_vs_ref", "response_len")
-METHODS = ("ppo", "dpo")
+METRICS = ("gold_reward", "proxy_reward", "kl_to_ref", "win_rate_vs_ref", "response_len",
+           "eos_frac")
+BASE_STAGES = ("sft", "prefs", "reward")
 
 
 class Evaluator:
     """Measures any policy against one reference, reward model, prompt set and sampling seed."""
 
-    def __init__(self, cfg: CompareConfig, device):
+    def __init__(self, cfg: CompareConfig, seed: int, sft_dir: str, reward_dir: str, device):
         self.task = get_task(cfg.task)
-        self.tokenizer = load_tokenizer(cfg.sft_dir)
+        self.tokenizer = load_tokenizer(sft_dir)
         self.prompts = eval_prompts(self.task, cfg.n_eval_prompts)
         self.args = SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
-        self.seed, self.device = cfg.seed, device
-        self.ref_model = freeze(load_policy(cfg.sft_dir)).to(device)
-        self.reward_model = freeze(load_reward_model(cfg.reward_dir)).to(device)
+        self.seed, self.device = seed, device
+        self.ref_model = freeze(load_policy(sft_dir)).to(device)
+        self.reward_model = freeze(load_reward_model(reward_dir)).to(device)
         self.ref_gold: list[float] | None = None
         self.ref_gold = self.measure(self.ref_model)["gold"]
 
     def measure(self, policy) -> dict:
-        """`METHOD_KEYS` (floats), `gold_se` (standard error of the gold mean), `eos_frac`,
-        and the per-prompt `gold` list (N,)."""
+        """`METRICS` (floats) and the per-prompt `gold` list (N,)."""
         ev = evaluate_policy(policy.to(self.device), self.tokenizer, self.task, self.prompts,
                              self.args, self.seed, self.reward_model, self.ref_model)
         gold = ev["gold"]
-        mean = sum(gold) / len(gold)
-        var = sum((g - mean) ** 2 for g in gold) / max(1, len(gold) - 1)
         ref_gold = self.ref_gold if self.ref_gold is not None else gold
-        return {"gold_reward": ev["gold_reward"], "proxy_reward": ev["proxy_reward"],
-                "kl_to_ref": ev["kl_to_ref"], "win_rate_vs_ref": win_rate(gold, ref_gold),
-                "response_len": ev["response_len"], "eos_frac": ev["eos_frac"],
-                "gold_se": math.sqrt(var / len(gold)), "gold": gold}
+        return {**{k: ev[k] for k in METRICS if k in ev},
+                "win_rate_vs_ref": win_rate(gold, ref_gold), "gold": gold}
 
     def measure_dir(self, path: str) -> dict:
         """`measure` of the policy saved in `path` (without the per-prompt list)."""
@@ -73,236 +78,250 @@ class Evaluator:
         return result
 
 
-def _base_config(cls: type, main_dir: str, cfg: CompareConfig, **overrides) -> object:
-    """A `cls` config: the main run's recorded settings (defaults where none), plus overrides."""
+# --------------------------------------------------------------------------- the runs
+
+
+def stage_template(cfg: CompareConfig, stage: str, reused: str, overrides=()) -> dict:
+    """The settings every seed's run of `stage` repeats: those recorded by the finished run
+    `reused` when there is one, else `config_dir/<stage>.yaml` (if any) plus `overrides`."""
+    if reused:
+        recorded = read_run_config(reused)
+        if recorded.get("seed", cfg.seed) != cfg.seed:
+            raise UsageError(f"seed must be the seed of the runs compare reuses: {reused!r} "
+                             f"was trained with seed {recorded['seed']} (got {cfg.seed})")
+        return recorded
+    cls = STAGES[stage].load()[0]
+    yaml = os.path.join(cfg.config_dir, f"{stage}.yaml") if cfg.config_dir else ""
+    argv = ["--config", yaml] if yaml and os.path.isfile(yaml) else []
+    return to_dict(parse_config(cls, [*argv, *overrides], prog=f"rlhf-toy {stage}"))
+
+
+def stage_config(stage: str, template: dict, **fixed) -> object:
+    """`stage`'s config: `template` with `fixed` on top (keys the stage lacks are dropped)."""
+    cls = STAGES[stage].load()[0]
     names = {f.name for f in dataclasses.fields(cls)}
-    recorded = {k: v for k, v in read_run_config(main_dir).items() if k in names}
-    # one process holds one accelerate state: every run here uses compare's device and precision
-    shared = {"seed": cfg.seed, "task": cfg.task, "device": cfg.device,
-              "mixed_precision": cfg.mixed_precision, "sft_dir": cfg.sft_dir,
-              "reward_dir": cfg.reward_dir, "n_eval_prompts": cfg.n_eval_prompts,
-              "eval_steps": 0, "save_steps": 0, "inspect_steps": 0, "resume_from_checkpoint": ""}
-    return cls(**{**recorded, **{k: v for k, v in shared.items() if k in names}, **overrides})
+    return cls(**{k: v for k, v in {**template, **fixed}.items() if k in names})
 
 
-def sweep_configs(cfg: CompareConfig) -> list[tuple[str, float, object]]:
-    """(method, beta, config) of every short run of the frontier sweep."""
-    runs = []
-    for beta in cfg.ppo_betas:
-        out = os.path.join(cfg.output_dir, "sweep", f"ppo_beta_{beta:g}")
-        runs.append(("ppo", beta, _base_config(PPOConfig, cfg.ppo_dir, cfg, output_dir=out,
-                                               beta=beta, max_steps=cfg.sweep_ppo_steps)))
-    for beta in cfg.dpo_betas:
-        out = os.path.join(cfg.output_dir, "sweep", f"dpo_beta_{beta:g}")
-        runs.append(("dpo", beta, _base_config(DPOConfig, cfg.dpo_dir, cfg, output_dir=out,
-                                               prefs_dir=cfg.prefs_dir, beta=beta,
-                                               max_steps=cfg.sweep_dpo_steps)))
-    return runs
+def train(stage: str, run_cfg) -> str:
+    """Run `stage` with `run_cfg`; returns its output_dir."""
+    print(f"compare: seed {run_cfg.seed}: {stage} -> {run_cfg.output_dir}", file=sys.stderr,
+          flush=True)
+    STAGES[stage].load()[1](run_cfg)
+    return run_cfg.output_dir
 
 
-def _same_as_main(run_cfg, main_dir: str) -> bool:
-    """True when the main run was trained with exactly these settings (then it is reused)."""
-    recorded = read_run_config(main_dir)
-    skip = {"output_dir", "eval_steps", "save_steps", "n_eval_prompts", "logging_steps",
-            "inspect_steps", "resume_from_checkpoint", "overwrite_output_dir"}
-    return bool(recorded) and all(recorded.get(k) == v for k, v in dataclasses.asdict(run_cfg)
-                                  .items() if k not in skip)
+def sweep_betas(beta: float | None, factors: list[float]) -> list[float]:
+    """The sweep's betas: `beta` times each factor, rounded to 6 significant digits
+    (0.05 * 0.2 -> 0.01), without the main run's own beta; none for a method without one."""
+    if beta is None:
+        return []
+    betas = [float(f"{beta * f:.6g}") for f in factors]
+    return [b for b in dict.fromkeys(betas) if b != beta]
 
 
-def run_sweep(cfg: CompareConfig, evaluator: Evaluator, main: dict) -> list[dict]:
-    """Train and measure every sweep run; a run identical to a main run reuses its numbers."""
-    from rlhf_toy.train.dpo import run_dpo
-    from rlhf_toy.train.ppo import run_ppo
+def run_seed(cfg: CompareConfig, seed: int, templates: dict[str, dict], device) -> dict:
+    """Every stage and method of one seed, trained or reused, measured the same way.
 
-    runners = {"ppo": (run_ppo, cfg.ppo_dir), "dpo": (run_dpo, cfg.dpo_dir)}
-    points = []
-    runs = sweep_configs(cfg)
-    for k, (method, beta, run_cfg) in enumerate(runs, start=1):
-        runner, main_dir = runners[method]
-        # 1. reuse the main run when it is this very configuration (same seed, same steps)
-        if _same_as_main(run_cfg, main_dir):
-            metrics, path = main[method], main_dir
-        else:
-            # 2. otherwise train the short run and measure its saved policy
-            print(f"compare: sweep run {k}/{len(runs)}: {method} beta {beta:g}, "
-                  f"{run_cfg.max_steps} steps", file=sys.stderr, flush=True)
-            runner(run_cfg)
-            metrics, path = evaluator.measure_dir(run_cfg.output_dir), run_cfg.output_dir
-        points.append({"method": method, "beta": beta, "steps": run_cfg.max_steps,
-                       "dir": path, **metrics})
-    return points
+    Returns:
+        {"seed", "sft": metrics, "methods": {name: metrics}, "sweep": [points]}; metrics
+        carry `METRICS`, `dir` and, for methods, `beta`.
+    """
+    root = os.path.join(cfg.output_dir, f"seed_{seed}")
+    own = seed == cfg.seed  # the seed whose finished runs were given
+    fixed = {"seed": seed, "task": cfg.task, "device": cfg.device,
+             "mixed_precision": cfg.mixed_precision, "resume_from_checkpoint": ""}
+    # 1. sft, prefs, reward: the given runs for --seed, else trained with their settings
+    dirs: dict[str, str] = {}
+    for stage in BASE_STAGES:
+        given = getattr(cfg, f"{stage}_dir") if own else ""
+        inputs = {f"{k}_dir": v for k, v in dirs.items()}
+        dirs[stage] = given or train(stage, stage_config(
+            stage, templates[stage], **fixed, **inputs, output_dir=os.path.join(root, stage)))
+    inputs = {f"{k}_dir": v for k, v in dirs.items()}
+    evaluator = Evaluator(cfg, seed, dirs["sft"], dirs["reward"], device)
+    result = {"seed": seed, "sft": {**evaluator.measure_dir(dirs["sft"]), "dir": dirs["sft"]},
+              "methods": {}, "sweep": []}
+    # 2. every method: its main run (given or trained), then the short sweep runs
+    given_dirs = cfg.reused_method_dirs() if own else {}
+    for name in cfg.methods:
+        stage = METHODS[name].stage
+        main_dir = given_dirs.get(name) or train(stage, stage_config(
+            stage, templates[name], **fixed, **inputs, output_dir=os.path.join(root, name)))
+        beta = read_run_config(main_dir).get("beta")
+        result["methods"][name] = {**evaluator.measure_dir(main_dir), "dir": main_dir,
+                                   "beta": beta}
+        for b in sweep_betas(beta, cfg.beta_factors) if cfg.sweep else []:
+            out = os.path.join(root, "sweep", f"{name}_beta_{b:g}")
+            path = train(stage, stage_config(
+                stage, templates[name], **fixed, **inputs, output_dir=out, beta=b,
+                eval_steps=0, save_steps=0, inspect_steps=0))
+            result["sweep"].append({"method": name, "beta": b, "dir": path,
+                                    **evaluator.measure_dir(path)})
+    return result
 
 
-def _frontier(summary: dict) -> dict[str, list[dict]]:
-    """Per method, its (KL, gold) points: the reference at KL 0, the sweep and the main run."""
-    ref = {"kl_to_ref": 0.0, "gold_reward": summary["sft"]["gold_reward"], "label": "sft"}
-    out = {}
-    for method in METHODS:
-        points = [ref] + [{**p, "label": f"beta {p['beta']:g}"} for p in summary["sweep"]
-                          if p["method"] == method and p["dir"] != summary[method]["dir"]]
-        beta = summary[method].get("beta")
-        points.append({**summary[method], "label": "main" if beta is None else f"main, beta {beta:g}"})
-        out[method] = sorted(points, key=lambda p: p["kl_to_ref"])
+# --------------------------------------------------------------------------- statistics
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """Mean and standard error over seeds of every metric, plus the per-seed rows.
+
+    Args:
+        rows: one dict per seed holding `METRICS` (and anything else, e.g. `seed`, `dir`).
+    Returns:
+        {key: mean, key_se: standard error (NaN for one seed), "per_seed": rows}.
+    """
+    out: dict = {}
+    for key in METRICS:
+        values = [r[key] for r in rows]
+        out[key], out[f"{key}_se"] = mean(values), standard_error(values)
+    out["per_seed"] = rows
     return out
 
 
-def equal_kl_verdict(frontier: dict[str, list[dict]], seed: int, n_prompts: int) -> dict:
-    """Which method reaches more gold at equal KL, as numbers and one sentence.
+def aggregate_seeds(per_seed: list[dict], methods: list[str]) -> dict:
+    """sft, each method and each sweep point as means and standard errors over the seeds."""
+    summary: dict = {"sft": aggregate([{"seed": r["seed"], **r["sft"]} for r in per_seed])}
+    for name in methods:
+        rows = [{"seed": r["seed"], **r["methods"][name]} for r in per_seed]
+        summary[name] = {**aggregate(rows), "beta": rows[0]["beta"],
+                         "dirs": [row["dir"] for row in rows]}
+    sweep = []
+    points = sorted(({"seed": r["seed"], **p} for r in per_seed for p in r["sweep"]),
+                    key=lambda p: (methods.index(p["method"]), p["beta"], p["seed"]))
+    for (name, beta), group in itertools.groupby(points, key=lambda p: (p["method"], p["beta"])):
+        sweep.append({"method": name, "beta": beta, **aggregate(list(group))})
+    summary["sweep"] = sweep
+    return summary
 
-    The KL budget is the largest KL both methods reached (the smaller of the two maxima);
-    each method's best gold among its points within the budget is compared, and the gap is
-    expressed in standard errors of the two gold means (sqrt(se_a^2 + se_b^2)).
+
+def frontier(summary: dict, methods: list[str]) -> dict[str, list[dict]]:
+    """Per method, its trained policies (main run and sweep) by mean KL; no SFT point."""
+    out = {}
+    for name in methods:
+        beta = summary[name]["beta"]
+        points = [{**summary[name], "label": "main" if beta is None else f"main, beta {beta:g}"}]
+        points += [{**p, "label": f"beta {p['beta']:g}"} for p in summary["sweep"]
+                   if p["method"] == name]
+        out[name] = sorted(points, key=lambda p: p["kl_to_ref"])
+    return out
+
+
+def equal_kl_pair(frontier_a: list[dict], frontier_b: list[dict], a: str, b: str,
+                  n_seeds: int) -> dict:
+    """Which of two methods reaches more gold at equal KL, as numbers and one sentence.
+
+    The KL budget is the largest mean KL both reached (the smaller of the two maxima); each
+    method's best mean gold among its points within the budget is compared, with the
+    standard error of the difference; "ahead" needs at least 2 standard errors.
     """
-    budget = min(max(p["kl_to_ref"] for p in frontier[m]) for m in METHODS)
-    best = {m: max((p for p in frontier[m] if p["kl_to_ref"] <= budget + 1e-9),
-                   key=lambda p: p["gold_reward"]) for m in METHODS}
-    gap = best["ppo"]["gold_reward"] - best["dpo"]["gold_reward"]
-    se = math.sqrt(sum(best[m].get("gold_se", 0.0) ** 2 for m in METHODS))
-    z = abs(gap) / se if se > 0 else float("inf")
-    lead, other = ("PPO", "DPO") if gap > 0 else ("DPO", "PPO")
-    head = (f"At equal KL to the reference (KL <= {budget:.2f} nats, the largest KL both "
-            f"methods reached), the best PPO policy reaches gold {best['ppo']['gold_reward']:.3f} "
-            f"and the best DPO policy {best['dpo']['gold_reward']:.3f}: ")
-    if z < 2.0:
-        call = (f"neither is clearly ahead (gap {abs(gap):.3f}, {z:.1f} standard errors)")
+    budget = min(max(p["kl_to_ref"] for p in f) for f in (frontier_a, frontier_b))
+    best = [max((p for p in f if p["kl_to_ref"] <= budget + 1e-9),
+                key=lambda p: p["gold_reward"], default=None) for f in (frontier_a, frontier_b)]
+    out = {"methods": [a, b], "kl_budget": budget}
+    names = f"{a.upper()} and {b.upper()}"
+    if None in best:
+        low = a if best[0] is None else b
+        out["sentence"] = (f"{names} cannot be compared at equal KL: every {low.upper()} "
+                           f"policy has a KL above the other's largest ({budget:.2f} nats).")
+        return out
+    (ga, sa), (gb, sb) = ((p["gold_reward"], p["gold_reward_se"]) for p in best)
+    diff, se = difference(ga, sa, gb, sb)
+    z = abs(diff) / se if se > 0 else math.inf
+    out.update(gold=[ga, gb], gold_se=[sa, sb], labels=[p["label"] for p in best], diff=diff,
+               diff_se=se, z=z, significant=is_significant(diff, se))
+    where = (f"at equal KL (<= {budget:.2f} nats, the largest mean KL both reached), "
+             f"{a.upper()} reaches gold {ga:.3f} and {b.upper()} {gb:.3f}")
+    if n_seeds < 2:
+        out["sentence"] = (f"With one seed, {where}; there is no standard error across seeds, "
+                           "so no difference can be called significant.")
+    elif out["significant"]:
+        lead, other = (a, b) if diff > 0 else (b, a)
+        out["sentence"] = (f"{lead.upper()} is ahead of {other.upper()}: {where}, a gap of "
+                           f"{abs(diff):.3f} +- {se:.3f} ({z:.1f} standard errors over "
+                           f"{n_seeds} seeds).")
     else:
-        call = f"{lead} is ahead of {other} by {abs(gap):.3f} ({z:.1f} standard errors)"
-    tail = (f". This rests on one seed ({seed}) and {n_prompts} held-out prompts, one "
-            "training run per point; other seeds can reorder close points.")
-    return {"kl_budget": budget, "best_ppo_gold": best["ppo"]["gold_reward"],
-            "best_dpo_gold": best["dpo"]["gold_reward"], "gap_se": z,
-            "sentence": head + call + tail}
+        out["sentence"] = (f"No significant difference between {names}: {where}, a gap of "
+                           f"{abs(diff):.3f} +- {se:.3f} ({z:.1f} standard errors over "
+                           f"{n_seeds} seeds; a verdict needs 2).")
+    return out
 
 
-def training_curves(run_dir: str) -> list[dict]:
-    """The `eval_gold` / `eval_proxy` rows of a run's metrics.jsonl, with step 0 (from the
-    run's summary) prepended when the run did not log it."""
-    rows = []
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.isfile(path):
-        with open(path) as fh:
-            rows = [r for r in map(json.loads, fh) if "eval_gold" in r]
-    summary_path = os.path.join(run_dir, "summary.json")
-    if (not rows or rows[0]["step"] > 0) and os.path.isfile(summary_path):
-        with open(summary_path) as fh:
-            s = json.load(fh)
-        if "gold_reward_before" in s:
-            rows.insert(0, {"step": 0, "eval_gold": s["gold_reward_before"],
-                            "eval_proxy": s.get("proxy_reward_before", float("nan"))})
-    return rows
+def below_reference(summary: dict, methods: list[str], fronts: dict) -> list[str]:
+    """One plain sentence per method whose main run ends below the SFT reference in gold."""
+    ref, lines = summary["sft"], []
+    ref_seeds = [r["gold_reward"] for r in ref["per_seed"]]
+    for name in methods:
+        m = summary[name]
+        if m["gold_reward"] >= ref["gold_reward"]:
+            continue
+        diff, se = difference(m["gold_reward"], m["gold_reward_se"], ref["gold_reward"],
+                              ref["gold_reward_se"])
+        lower = sum(r["gold_reward"] < g for r, g in zip(m["per_seed"], ref_seeds, strict=True))
+        head = ("made the policy worse: its main run ends below the reference" if
+                is_significant(diff, se) else "ends below the reference, within the noise")
+        line = (f"{name.upper()} {head}: gold {m['gold_reward']:.3f} against SFT's "
+                f"{ref['gold_reward']:.3f} (difference {diff:.4f} +- {se:.4f}; lower on "
+                f"{lower} of {len(ref_seeds)} seeds).")
+        if all(p["gold_reward"] < ref["gold_reward"] for p in fronts[name]):
+            line += f" Every {name.upper()} policy of the sweep is below the reference too."
+        lines.append(line)
+    return lines
 
 
-COLORS = {"ppo": "tab:blue", "dpo": "tab:orange"}
-
-
-def plot_frontier(frontier: dict[str, list[dict]], kl_budget: float, path: str,
-                  seed: int) -> None:
-    """Gold reward against KL to the reference, one curve per method -> PNG at `path`."""
-    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend
-
-    fig = Figure(figsize=(6.4, 4.4))
-    ax = fig.subplots()
-    for method, points in frontier.items():
-        kls = [p["kl_to_ref"] for p in points]
-        golds = [p["gold_reward"] for p in points]
-        ax.plot(kls, golds, "o-", color=COLORS[method], label=method.upper())
-        for p in points[1:]:
-            ax.annotate(p["label"], (p["kl_to_ref"], p["gold_reward"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
-    ref = frontier[METHODS[0]][0]
-    ax.plot([ref["kl_to_ref"]], [ref["gold_reward"]], "ks", label="SFT (reference)")
-    ax.axvline(kl_budget, color="gray", ls="--", lw=0.8, label="equal-KL budget")
-    ax.set_xlabel("KL(policy || reference) per response [nats], from samples")
-    ax.set_ylabel("held-out gold reward")
-    ax.set_title(f"Gold reward vs KL to the reference (seed {seed})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def plot_training_curves(curves: dict[str, list[dict]], path: str) -> None:
-    """Held-out gold and proxy reward against step for the main runs -> PNG at `path`."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9.6, 3.8))
-    axes = fig.subplots(1, 2)
-    for ax, key, name in zip(axes, ("eval_gold", "eval_proxy"), ("gold reward", "proxy reward"),
-                             strict=True):
-        for method, rows in curves.items():
-            ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], "o-",
-                    ms=3, color=COLORS[method], label=method.upper())
-        ax.set_xlabel("step (PPO: iteration; DPO: optimizer step)")
-        ax.set_ylabel(f"held-out {name}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Main runs: held-out reward during training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def _row(name: str, m: dict, *extra: str) -> str:
-    cells = [name, *extra] + [f"{m[k]:.3f}" for k in METHOD_KEYS]
-    return "| " + " | ".join(cells) + " |"
-
-
-def report_markdown(summary: dict) -> str:
-    """`report.md`: the methods table, the sweep table, the plots and the verdict."""
-    cols = "| gold reward | proxy reward | KL to ref | win rate vs ref | response length |"
-    lines = [f"# PPO versus DPO ({summary['task']}, seed {summary['seed']})", "",
-             f"Every policy is sampled once on the same {summary['n_eval_prompts']} held-out "
-             "prompts with the same sampling seed. Gold is the hidden reward; proxy is the "
-             "reward model; KL is KL(policy || SFT) per response, estimated from the samples; "
-             "win rate is against the SFT response to the same prompt under gold (ties 1/2).",
-             "", "| method " + cols, "|---|---|---|---|---|---|"]
-    lines += [_row(m, summary[m]) for m in ("sft", *METHODS)]
-    if summary["sweep"]:
-        lines += ["", "## Frontier sweep", "", "| method | beta | steps " + cols,
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [_row(p["method"], p, f"{p['beta']:g}", str(p["steps"]))
-                  for p in summary["sweep"]]
-    lines += ["", f"![gold reward vs KL]({os.path.basename(summary['plots']['frontier'])})", "",
-              f"![training curves]({os.path.basename(summary['plots']['training_curves'])})",
-              "", f"**At equal KL.** {summary['verdict']['sentence']}", ""]
-    return "\n".join(lines)
+def _json_ready(obj):
+    """NaN (a standard error of one seed) -> None, so summary.json is strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_ready(v) for v in obj]
+    return obj
 
 
 def run_compare(cfg: CompareConfig) -> dict:
-    """Measure SFT, PPO and DPO the same way, sweep the frontier, plot and write the report.
+    """Train or reuse every stage and method on every seed, measure, aggregate, report.
 
     Returns:
-        summary: one entry per method (`sft`, `ppo`, `dpo`) with `METHOD_KEYS`; `sweep`
-        (list of points); `verdict`; `plots` and `report` paths; flat headline keys
-        `<method>_gold_reward`, `<method>_kl_to_ref`; `wall_s`.
+        summary: `sft` and one entry per method with the mean of each of `METRICS`, its
+        standard error `<key>_se` and `per_seed` values; `sweep` (points, the same);
+        `verdict` (`pairs`, `sentence`); `below_reference`; `plots` and `report` paths;
+        flat headline keys `<method>_gold_reward`, `<method>_kl_to_ref`; `wall_s`.
     """
     acc, t0 = start_stage(cfg, "compare")
-    if acc.is_main_process:  # the sweep writes into output_dir/sweep/ from here on
+    if acc.is_main_process:  # the runs of every seed go into output_dir from here on
         commit_run(cfg.output_dir)
-    evaluator = Evaluator(cfg, acc.device)
-    summary: dict = {"seed": cfg.seed, "task": cfg.task, "n_eval_prompts": cfg.n_eval_prompts}
-    # 1. the reference and the two main runs, on the same prompts and sampling seed
-    summary["sft"] = {**evaluator.measure_dir(cfg.sft_dir), "dir": cfg.sft_dir}
-    for method, path in (("ppo", cfg.ppo_dir), ("dpo", cfg.dpo_dir)):
-        recorded = read_run_config(path)
-        summary[method] = {**evaluator.measure_dir(path), "dir": path,
-                           "beta": recorded.get("beta"), "steps": recorded.get("max_steps")}
-    # 2. the frontier sweep: short runs over betas, measured the same way
-    summary["sweep"] = run_sweep(cfg, evaluator, summary) if cfg.sweep else []
-    # 3. equal-KL verdict, plots and report
-    summary["verdict"] = equal_kl_verdict(_frontier(summary), cfg.seed, cfg.n_eval_prompts)
-    for method in ("sft", *METHODS):
-        summary[f"{method}_gold_reward"] = summary[method]["gold_reward"]
-        summary[f"{method}_kl_to_ref"] = summary[method]["kl_to_ref"]
+    seeds, given = cfg.seed_list(), cfg.reused_method_dirs()
+    templates = {stage: stage_template(cfg, stage, getattr(cfg, f"{stage}_dir"))
+                 for stage in BASE_STAGES}
+    for name in cfg.methods:
+        method = METHODS[name]
+        templates[name] = stage_template(cfg, method.stage, given.get(name, ""), method.overrides)
+    # 1. every seed: train or reuse, measure on the same held-out prompts
+    per_seed = [run_seed(cfg, seed, templates, acc.device) for seed in seeds]
+    # 2. means and standard errors over the seeds; the verdicts at equal KL
+    summary = {"task": cfg.task, "seeds": seeds, "n_eval_prompts": cfg.n_eval_prompts,
+               "methods": list(cfg.methods), **aggregate_seeds(per_seed, cfg.methods)}
+    fronts = frontier(summary, cfg.methods)
+    pairs = [equal_kl_pair(fronts[a], fronts[b], a, b, len(seeds))
+             for a, b in itertools.combinations(cfg.methods, 2)]
+    summary["verdict"] = {"pairs": pairs, "sentence": " ".join(p["sentence"] for p in pairs)}
+    summary["below_reference"] = below_reference(summary, cfg.methods, fronts)
+    for name in ("sft", *cfg.methods):
+        summary[f"{name}_gold_reward"] = summary[name]["gold_reward"]
+        summary[f"{name}_kl_to_ref"] = summary[name]["kl_to_ref"]
+    # 3. plots and report
     summary["plots"] = {"frontier": os.path.join(cfg.output_dir, "frontier.png"),
                         "training_curves": os.path.join(cfg.output_dir, "training_curves.png")}
     summary["report"] = os.path.join(cfg.output_dir, "report.md")
     summary["wall_s"] = time.perf_counter() - t0
     if acc.is_main_process:
-        plot_frontier(_frontier(summary), summary["verdict"]["kl_budget"],
-                      summary["plots"]["frontier"], cfg.seed)
-        plot_training_curves({m: training_curves(summary[m]["dir"]) for m in METHODS},
+        plot_frontier(fronts, summary["sft"], summary["plots"]["frontier"], summary)
+        plot_training_curves({m: summary[m]["dirs"][0] for m in cfg.methods}, seeds[0],
                              summary["plots"]["training_curves"])
         with open(summary["report"], "w") as fh:
             fh.write(report_markdown(summary))
-    finish_stage(cfg, acc, None, None, summary)
+    finish_stage(cfg, acc, None, None, _json_ready(summary))
     return summary

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from rlhf_toy.errors import NonFiniteError, UsageError  # noqa: F401 - re-exported
+from rlhf_toy.methods import METHODS
 
 
 def _f(default: Any, help: str) -> Any:
@@ -66,18 +67,19 @@ class CommonConfig:
 
     output_dir: str = _f("runs/default", "directory this stage writes its artifacts into")
     seed: int = _f(0, "seed for python, numpy and torch; same seed, same numbers")
-    task: str = _f("sentiment", "toy task name (see `rlhf-toy tasks`)")
+    task: str = _f("sentiment", "toy task: a name (see `rlhf-toy tasks`) or "
+                                "package.module:ClassName (a rlhf_toy.tasks.Task subclass)")
     device: str = _f("auto", "auto | cpu | cuda")
     mixed_precision: str = _f("no", "accelerate mixed precision: no | fp16 | bf16")
     overwrite_output_dir: bool = _f(False, "replace an earlier run in output_dir (refused "
                                            "otherwise, unless resuming)")
 
     def __post_init__(self) -> None:
-        from rlhf_toy.tasks import TASKS
+        from rlhf_toy.tasks import task_class
 
         _finite(self)
         check(0 <= self.seed < 2**32, "seed", "in [0, 2**32 - 1]", self.seed)
-        check(self.task in TASKS, "task", f"one of {sorted(TASKS)}", self.task)
+        task_class(self.task)
         check(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", self.device)
         check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision",
               "no, fp16 or bf16", self.mixed_precision)
@@ -412,27 +414,51 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
 
 @dataclass
 class CompareConfig(CommonConfig, SamplingConfig):
-    """PPO versus DPO against SFT on the same held-out prompts, and a gold-reward/KL frontier."""
+    """Every method on every seed against SFT on the same held-out prompts, with a beta
+    sweep per method; means and standard errors over the seeds."""
 
     output_dir: str = _f("runs/default/compare", "directory this stage writes its artifacts into")
-    sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the reference every method is measured to")
-    reward_dir: str = _f("runs/default/reward", "reward model: the proxy reward (and PPO's reward)")
-    prefs_dir: str = _f("runs/default/prefs", "preference dataset (DPO's training data in the sweep)")
-    ppo_dir: str = _f("runs/default/ppo", "the main PPO run (rlhf-toy ppo)")
-    dpo_dir: str = _f("runs/default/dpo", "the main DPO run (rlhf-toy dpo)")
-    sweep: bool = _f(True, "train the short PPO and DPO runs of the frontier sweep")
-    ppo_betas: list[float] = _f([0.01, 0.05, 0.2, 1.0], "KL coefficients of the PPO sweep runs")
-    dpo_betas: list[float] = _f([0.1, 0.5, 2.0], "betas of the DPO sweep runs")
-    sweep_ppo_steps: int = _f(100, "PPO iterations of each sweep run (a run identical to the "
-                                   "main one reuses it)")
-    sweep_dpo_steps: int = _f(300, "DPO optimizer steps of each sweep run (a run identical to "
-                                   "the main one reuses it)")
+    methods: list[str] = _f(list(METHODS), "methods to train and compare (default: every "
+                                           "registered one)")
+    seeds: list[int] = _f([], "seeds to train every stage and method on; empty = --seed and "
+                              "the next two")
+    sft_dir: str = _f("", "a finished SFT run for --seed to reuse; empty = train it")
+    prefs_dir: str = _f("", "a finished prefs run for --seed to reuse; empty = generate it")
+    reward_dir: str = _f("", "a finished reward run for --seed to reuse; empty = train it")
+    method_dirs: list[str] = _f([], "METHOD=DIR: a finished main run of METHOD for --seed to "
+                                    "reuse; the other seeds repeat its settings")
+    config_dir: str = _f("", "per-stage YAML files for the runs compare trains without a "
+                             "finished run to copy settings from (e.g. configs/gpu)")
+    sweep: bool = _f(True, "train each method again at other betas (the frontier sweep)")
+    beta_factors: list[float] = _f([0.2, 4.0], "the sweep: each method's beta times these "
+                                               "(the main run is factor 1)")
 
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)
         self._check_sampling()
-        _positive(self, "sweep_ppo_steps", "sweep_dpo_steps")
-        for beta in self.ppo_betas:
-            check(beta >= 0, "ppo_betas", "a list of values >= 0", self.ppo_betas)
-        for beta in self.dpo_betas:
-            check(beta > 0, "dpo_betas", "a list of values > 0", self.dpo_betas)
+        for name in self.methods:
+            check(name in METHODS, "methods", f"a list from {sorted(METHODS)}", self.methods)
+        check(bool(self.methods) and len(set(self.methods)) == len(self.methods), "methods",
+              "a non-empty list without repeats", self.methods)
+        check(len(set(self.seeds)) == len(self.seeds) and min(self.seeds, default=0) >= 0,
+              "seeds", "distinct integers >= 0", self.seeds)
+        for factor in self.beta_factors:
+            check(factor > 0, "beta_factors", "a list of values > 0", self.beta_factors)
+        for name in ("sft_dir", "prefs_dir", "reward_dir", "config_dir"):
+            path = getattr(self, name)
+            check(not path or os.path.isdir(path), name, "an existing directory or empty", path)
+        for item in self.method_dirs:
+            method, _, path = item.partition("=")
+            check(method in self.methods and os.path.isdir(path), "method_dirs",
+                  "METHOD=DIR items with METHOD in methods and DIR an existing directory", item)
+        reused = self.sft_dir or self.prefs_dir or self.reward_dir or self.method_dirs
+        check(not reused or self.seed in self.seed_list(), "seeds",
+              f"a list holding --seed ({self.seed}), whose finished runs are reused", self.seeds)
+
+    def seed_list(self) -> list[int]:
+        """The seeds to run: `seeds`, or `seed` and the next two."""
+        return list(self.seeds) or [self.seed, self.seed + 1, self.seed + 2]
+
+    def reused_method_dirs(self) -> dict[str, str]:
+        """method -> finished main run for `seed`, from `method_dirs`."""
+        return dict(item.split("=", 1) for item in self.method_dirs)

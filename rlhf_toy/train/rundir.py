@@ -54,8 +54,9 @@ def read_run_config(path: str) -> dict:
 
 def check_inputs(cfg: Any) -> None:
     """Every input directory exists (checked in the order the config declares them) and
-    none of them is the output directory, inside it or around it."""
-    names = [f for f in cfg.__dataclass_fields__ if f in INPUT_FIELDS]
+    none of them is the output directory, inside it or around it. An empty one is not
+    given (`compare` then trains that stage itself)."""
+    names = [f for f in cfg.__dataclass_fields__ if f in INPUT_FIELDS and getattr(cfg, f)]
     for name in names:
         path = getattr(cfg, name)
         if not os.path.isdir(path):
