@@ -3,9 +3,10 @@
 import json
 import math
 import os
+import re
 
 import pytest
-from conftest import TINY
+from conftest import run_stage
 
 from rlhf_toy.compare import (
     Evaluator,
@@ -16,11 +17,9 @@ from rlhf_toy.compare import (
     sweep_betas,
 )
 from rlhf_toy.compare_report import report_markdown
-from rlhf_toy.config import CompareConfig, DPOConfig, PPOConfig, UsageError, parse_config
+from rlhf_toy.config import CompareConfig, UsageError, parse_config
 from rlhf_toy.core.stats import standard_error
 from rlhf_toy.models import load_policy
-from rlhf_toy.train.dpo import run_dpo
-from rlhf_toy.train.ppo import run_ppo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -98,7 +97,9 @@ def test_frontier_holds_trained_policies_only_and_the_report_says_when_below_ref
     assert "Every PPO policy of the sweep is below the reference too." in line
     report = report_markdown(summary)
     assert f"**{line}**" in report
-    assert "-0.000" not in report and "| sft (reference) |  | 0.610 ± 0.010 |" in report
+    assert not re.search(r"-0\.000(?!\d)", report)
+    # gold, proxy (0 here), then the KL of -3e-8: "0.000", not "-0.000"
+    assert "| sft (reference) |  | 0.610 ± 0.010 | 0.000 ± 0.000 | 0.000 ± 0.000 |" in report
     assert "| ppo | 0.05 | 0.330 ± 0.030 |" in report
     # a method above the reference draws no warning; one just below it, a softer one
     assert _summary([0.60, 0.62], [0.70, 0.76], [0.50, 0.50])[0]["below_reference"] == []
@@ -136,11 +137,9 @@ def main_runs(tiny_run, tmp_path_factory):
     root, _ = tiny_run
     out = tmp_path_factory.mktemp("compare_main")
     ppo_dir, dpo_dir = str(out / "ppo"), str(out / "dpo")
-    run_ppo(parse_config(PPOConfig, [*_inputs(root), "--output_dir", ppo_dir, *TINY["ppo"],
-                                     "--eval_steps", "2"]))
-    run_dpo(parse_config(DPOConfig, [*_inputs(root), "--output_dir", dpo_dir, "--prefs_dir",
-                                     os.path.join(root, "prefs"), "--max_steps", "4",
-                                     "--eval_steps", "2", "--n_eval_prompts", "16"]))
+    run_stage("ppo", root, "--output_dir", ppo_dir, "--eval_steps", "2")
+    run_stage("dpo", root, "--output_dir", dpo_dir, "--max_steps", "4", "--eval_steps", "2",
+              "--n_eval_prompts", "16")
     return ppo_dir, dpo_dir
 
 
@@ -181,6 +180,6 @@ def test_two_seeds_reuse_seed_0_train_seed_1_and_report_error_bars(tiny_run, mai
         assert data[:8] == PNG_MAGIC and len(data) > 1024, path
     report = (out / "report.md").read_text()
     assert "![gold reward vs KL](frontier.png)" in report and "mean over 2 seeds" in report
-    assert "| ppo | 0.2 | " in report and "-0.000" not in report
+    assert "| ppo | 0.2 | " in report and not re.search(r"-0\.000(?!\d)", report)
     assert summary["verdict"]["pairs"][0]["sentence"] in report
     assert "compare: seed 1: sft" in trained and "compare: seed 0: sft" not in trained

@@ -55,7 +55,7 @@ class HalfATask(Task):  # gold is missing
 def test_spec_loads_the_class_and_names_keep_working():
     task = get_task(SPEC)
     assert type(task).__name__ == "VowelTask"
-    assert task.gold("say 2 :", "a k") == 0.5 and task.gold("say 2 :", "a e e e") == 0.75
+    assert task.gold("say 2 :", "a k") == 0.5 and task.gold("say 2 :", "a k t t") == 0.25
     assert parse_config(SFTConfig, ["--task", SPEC]).task == SPEC
     assert PipelineConfig(task=SPEC).task == SPEC
     assert type(get_task("sorting")).__name__ == "SortingTask"
@@ -86,9 +86,12 @@ def vowel_run(tmp_path_factory):
 
 
 def test_pipeline_on_the_outside_task_raises_gold_with_both_methods(vowel_run):
-    """Measured over seeds 0-4 of this test's settings: see the margins below."""
-    assert 0.35 < vowel_run["sft"]["gold_reward"] < 0.65
-    assert vowel_run["reward"]["eval_accuracy"] > 0.6
+    """Gains in held-out gold with these settings, seeds 0-4 (this test runs seed 0):
+    PPO +0.333, +0.338, -0.443, +0.378, +0.221; DPO +0.271, +0.317, +0.225, +0.384, +0.351;
+    SFT gold 0.48-0.55, reward-model accuracy 0.78-0.86. PPO collapses on seed 2 (KL 5.8):
+    the instability of PPO's defaults that issue 12 part 1 is about, not a task matter."""
+    assert 0.4 < vowel_run["sft"]["gold_reward"] < 0.6
+    assert vowel_run["reward"]["eval_accuracy"] > 0.7
     for method in ("ppo", "dpo"):
         s = vowel_run[method]
-        assert s["gold_reward_after"] > s["gold_reward_before"] + 0.05, method
+        assert s["gold_reward_after"] > s["gold_reward_before"] + 0.1, method
