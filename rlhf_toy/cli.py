@@ -40,6 +40,9 @@ class PipelineConfig:
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda"})
     overwrite_output_dir: bool = dataclasses.field(
         default=False, metadata={"help": "replace the stages of an earlier pipeline run"})
+    compare_seeds: list[int] = dataclasses.field(default_factory=list, metadata={
+        "help": "seeds the compare stage trains every method on; empty = --seed alone (the "
+                "demo's size), e.g. 0 1 2 for means with standard errors"})
 
     def __post_init__(self) -> None:
         from rlhf_toy.tasks import task_class
@@ -68,6 +71,7 @@ def _stage_argv(pipe: PipelineConfig, stage: str, cls: type) -> list[str]:
                                     for name, m in METHODS.items()
                                     if m.stage in PIPELINE and not m.overrides)]
         argv += ["--config_dir", pipe.config_dir] if pipe.config_dir else []
+        argv += ["--seeds", *map(str, pipe.compare_seeds or [pipe.seed])]
     return argv
 
 
