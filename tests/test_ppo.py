@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import run_stage
 
-from rlhf_toy.core import gae, kl_per_token, last_token_index, logprobs_from_logits, ppo_policy_loss
+from rlhf_toy.core import logprobs_from_logits, ppo_policy_loss
 from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
@@ -43,24 +43,27 @@ def test_first_minibatch_has_ratio_one_and_zero_approx_kl(rollout):
 
 
 def test_rollout_rewards_and_advantages_follow_the_definitions(rollout):
+    """Expected values from plain loops over python floats (not `kl_per_token` or `gae`):
+    r_t = -beta (logp_t - ref_t) (+ score on the last real token), and backwards from the
+    last token A_t = delta_t + gamma lam A_{t+1}, delta_t = r_t + gamma V_{t+1} - V_t."""
     _, b, cfg = rollout
     m = b.mask
-    last = last_token_index(m)
-    kl = kl_per_token(b.logprobs, b.ref_logprobs, "k1") * m
-    expected = -cfg.beta * kl
-    expected[torch.arange(len(last)), last] += b.scores
-    assert torch.allclose(b.rewards, expected, atol=1e-6)
     assert (b.rewards[m == 0] == 0).all() and (b.values[m == 0] == 0).all()
-    dones = torch.nn.functional.one_hot(last, m.shape[1]).float()
-    adv, ret = gae(b.rewards, b.values, dones, cfg.gamma, cfg.lam, m)
-    assert torch.allclose(b.returns, ret, atol=1e-6)
+    for i, n in enumerate(m.sum(-1).long().tolist()):
+        logp, ref, v = (x[i, :n].tolist() for x in (b.logprobs, b.ref_logprobs, b.values))
+        rewards = [-cfg.beta * (lp - rf) for lp, rf in zip(logp, ref, strict=True)]
+        rewards[-1] += b.scores[i].item()
+        adv, next_adv, next_v = [0.0] * n, 0.0, 0.0
+        for t in reversed(range(n)):
+            delta = rewards[t] + cfg.gamma * next_v - v[t]
+            adv[t] = next_adv = delta + cfg.gamma * cfg.lam * next_adv
+            next_v = v[t]
+        assert b.rewards[i, :n].tolist() == pytest.approx(rewards, abs=1e-5)
+        assert b.returns[i, :n].tolist() == pytest.approx([a + x for a, x in zip(adv, v, strict=True)],
+                                                          abs=1e-5)
     # whitened over real tokens: mean 0, unit variance
     real = b.advantages[m.bool()]
     assert real.mean().abs() < 1e-5 and (real.std() - 1).abs() < 1e-3
-    # a fresh value head outputs 0, so the return of the last token is its reward
-    assert torch.allclose(b.returns[torch.arange(len(last)), last],
-                          b.rewards[torch.arange(len(last)), last], atol=1e-6)
-
 
 
 def test_ppo_end_to_end_raises_the_reward_model_score(tiny_run):

@@ -8,9 +8,17 @@
 - With zero advantages and `vf_coef = 0` the loss is `-ent_coef * H` alone, so one
   gradient step with a small learning rate raises the entropy H by about
   lr * ent_coef * |grad H|^2 > 0 (and lowers it if the bonus's sign is flipped).
+- A value-only update (zero advantages, `ent_coef = 0`) moves the values towards the
+  returns: the squared error to the returns falls.
+- A rollout whose reference is a copy of the policy, scored by a constant c, has closed
+  forms: ref_logprobs = logprobs (same model, same temperature), so every KL is 0; the score
+  is c - missing_eos_penalty on responses cut by the length limit (no EOS among their real
+  tokens), c otherwise; the only reward is that score on the last real token; and with the
+  fresh value head's V = 0 and gamma = 1, GAE gives A_t = returns_t = lam^(last - t) * score.
 - Resuming restores the python, numpy and torch generator states saved in the checkpoint.
 """
 
+import copy
 import dataclasses
 import random
 
@@ -83,6 +91,55 @@ def test_entropy_bonus_raises_the_entropy():
     # measured over model-init seeds 0-2: +0.0124 nats (0.01237-0.01249) from about 3.60;
     # the flipped sign gives about -0.012
     assert after > before + 0.005
+
+
+def test_value_step_moves_values_towards_the_returns():
+    cfg = PPOConfig(output_dir="unused", temperature=0.8, max_new_tokens=8, batch_size=8,
+                    mini_batch_size=8, ppo_epochs=1, vf_coef=1.0, ent_coef=0.0,
+                    clip_range_value=10.0, max_grad_norm=1e9)
+    model, batch = _rollout(cfg)
+    batch = dataclasses.replace(batch, advantages=torch.zeros_like(batch.advantages))
+
+    def value_error() -> float:
+        with torch.no_grad():
+            _, values = model(batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                              batch.mask, temperature=cfg.temperature)
+        return masked_mean((values - batch.returns).pow(2), batch.mask).item()
+
+    before = value_error()
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
+    model.train()
+    ppo_update(model, opt, acc, batch, cfg, torch.Generator().manual_seed(0))
+    # measured over model-init seeds 0-2: the error falls to 0.10-0.22 of its value
+    assert value_error() < 0.5 * before
+
+
+def test_rollout_closed_forms_with_the_policy_as_reference():
+    cfg = PPOConfig(output_dir="unused", temperature=0.8, max_new_tokens=20, beta=0.3, lam=0.9,
+                    gamma=1.0, missing_eos_penalty=2.0, whiten_advantages=False)
+    torch.manual_seed(0)
+    tok = build_tokenizer(get_task("sentiment").words)
+    model = PolicyWithValueHead(build_policy(tok)).eval()
+    c = 0.7
+    batch = collect_rollout(model, copy.deepcopy(model.policy), None, tok, PROMPTS, cfg,
+                            cfg.beta, torch.Generator().manual_seed(0),
+                            score_fn=lambda ids, *_: torch.full((ids.shape[0],), c))
+    assert torch.allclose(batch.ref_logprobs, batch.logprobs, atol=1e-6)
+    lengths = batch.mask.sum(-1).long().tolist()
+    cut = [tok.eos_token_id not in row[:n] for row, n in zip(batch.response_ids.tolist(),
+                                                            lengths, strict=True)]
+    assert 0 < sum(cut) < len(cut)  # both kinds of response occur
+    for b, n in enumerate(lengths):
+        score = c - cfg.missing_eos_penalty * cut[b]
+        assert batch.scores[b].item() == pytest.approx(score, abs=1e-6)
+        for t in range(batch.mask.shape[1]):
+            expected = cfg.lam ** (n - 1 - t) * score if t < n else 0.0
+            reward = score if t == n - 1 else 0.0
+            assert batch.rewards[b, t].item() == pytest.approx(reward, abs=1e-6), (b, t)
+            assert batch.advantages[b, t].item() == pytest.approx(expected, abs=1e-5), (b, t)
+            assert batch.returns[b, t].item() == pytest.approx(expected, abs=1e-5), (b, t)
 
 
 def _draws() -> tuple:
