@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 
 from rlhf_toy.errors import NonFiniteError, StorageError, UsageError
 from rlhf_toy.integrity import error_reason, write_json, write_manifest  # noqa: F401 - write_json re-exported
+from rlhf_toy.sharding import plain
 from rlhf_toy.train.checkpoint import (
     Checkpointer,
     list_checkpoints,
@@ -224,7 +225,8 @@ def first_non_finite(**quantities: torch.Tensor | None) -> str | None:
     """The name of the first quantity holding a NaN or inf, or None; one device sync.
     None values (a quantity not computed this time) are skipped."""
     names = [name for name, q in quantities.items() if q is not None]
-    flags = torch.stack([torch.isfinite(quantities[name].detach()).all() for name in names])
+    # plain: under FSDP2 the gradient norm is a DTensor
+    flags = torch.stack([torch.isfinite(plain(quantities[name]).detach()).all() for name in names])
     if bool(flags.all()):
         return None
     return next(name for name, ok in zip(names, flags.tolist(), strict=True) if not ok)

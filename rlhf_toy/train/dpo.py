@@ -34,6 +34,7 @@ from rlhf_toy.core import PREFERENCE_LOSSES, logprobs_from_logits
 from rlhf_toy.data import load_preferences, select_batch, tokenize_preferences
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
 from rlhf_toy.models import freeze, load_policy, load_reward_model, response_logits
+from rlhf_toy.sharding import sampling_policy
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
@@ -290,8 +291,9 @@ def build_context(cfg: DPOConfig, acc) -> DPOContext:
 
 def evaluate(model, ctx: DPOContext, cfg: DPOConfig) -> dict[str, float]:
     """Held-out gold / proxy reward and KL of sampled responses, and held-out pair metrics."""
-    ev = evaluate_policy(model, ctx.tokenizer, ctx.task, ctx.held_out, ctx.sampling, cfg.seed,
-                         ctx.reward_model, ctx.ref_model)
+    with sampling_policy(model) as policy:  # full weights, also under FSDP
+        ev = evaluate_policy(policy, ctx.tokenizer, ctx.task, ctx.held_out, ctx.sampling,
+                             cfg.seed, ctx.reward_model, ctx.ref_model)
     pairs = evaluate_pairs(model, ctx.test, loss_fn(cfg), ctx.tokenizer.pad_token_id)
     return {"eval_gold": ev["gold_reward"], "eval_proxy": ev["proxy_reward"],
             "eval_kl": ev["kl_to_ref"], "response_len": ev["response_len"],

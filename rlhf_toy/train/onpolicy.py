@@ -43,6 +43,7 @@ from rlhf_toy.models import (
     reward_scores,
 )
 from rlhf_toy.rollout import decode_responses, encode_prompts, sample
+from rlhf_toy.sharding import plain, sampling_policy
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
@@ -132,8 +133,9 @@ def collect_rollout(method: OnPolicyMethod, model, ref_model, reward_model, toke
     device = next(model.parameters()).device
     # 1. sample responses with the KV cache
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    s = sample(model.policy, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id,
-               tokenizer.pad_token_id, cfg.temperature, cfg.top_k, generator=generator)
+    with sampling_policy(model.policy) as policy:  # full weights, also under FSDP
+        s = sample(policy, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id,
+                   tokenizer.pad_token_id, cfg.temperature, cfg.top_k, generator=generator)
     inputs = (s.prompt_ids, s.prompt_mask, s.response_ids, s.mask)
     # 2. score: the reward model reads the last real token; a cut response pays a penalty
     scores = (reward_scores(reward_model, *inputs) if score_fn is None
@@ -201,7 +203,8 @@ def finite_or_raise(updated: bool, **scalars: torch.Tensor | None) -> dict[str, 
     """The scalars as floats (one device sync); `NonFiniteUpdate` if one is NaN or inf.
     All but `loss` and `grad_norm` are returned (the logged ones)."""
     names = [k for k, v in scalars.items() if v is not None]
-    floats = torch.stack([scalars[k].detach().float() for k in names]).tolist()
+    # plain: under FSDP2 the gradient norm is a DTensor
+    floats = torch.stack([plain(scalars[k]).detach().float() for k in names]).tolist()
     for name, value in zip(names, floats, strict=True):
         if not math.isfinite(value):
             raise NonFiniteUpdate(name, updated)
@@ -293,8 +296,9 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
     held_out = eval_prompts(task, cfg.n_eval_prompts)
 
     def evaluate() -> dict:
-        return evaluate_policy(unwrapped.policy, tokenizer, task, held_out, args, cfg.seed,
-                               reward_model, ref_model)
+        with sampling_policy(unwrapped.policy) as policy:
+            return evaluate_policy(policy, tokenizer, task, held_out, args, cfg.seed,
+                                   reward_model, ref_model)
 
     ckpt, resumed, log = open_run(cfg, method.stage, acc, unwrapped, optimizer)
     if resumed:
