@@ -9,9 +9,16 @@ SEED ?= 0
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: setup demo test test-slow lint clean
+.PHONY: setup browser demo test test-slow lint clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
+
+# optional: headless Chromium for tests/test_browser.py (skipped without it); never fails
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "make browser: chromium not installed (needs apt-get as root); tests/test_browser.py will skip"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -325,36 +325,56 @@ def colour_column(report: dict) -> str:
 
 
 def render_html(report: dict) -> str:
-    """A self-contained page: a row of tokens per response, coloured by `colour_column`."""
+    """A self-contained page: per response, its prompt and a row of tokens coloured by
+    `colour_column`; hovering (or focusing) a token shows its row of the table, every
+    column, beside it (CSS only, no script)."""
     key = colour_column(report)
-    columns = _present(report)
+    columns = _present(report)[1:]
     scale = max([abs(v) for rec in report["samples"] for v in rec[key]] + [1e-8])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []
     for i, rec in enumerate(report["samples"]):
         spans = []
         for t, token in enumerate(rec["token"]):
-            tip = "\n".join(f"{c}: {rec[c][t]:+.4f}" for c in columns[1:])
-            spans.append(f'<span class="tok" style="background:{_rgba(rec[key][t] / scale)}" '
-                         f'title="{html.escape(token + chr(10) + tip)}">'
-                         f"{html.escape(token)}</span>")
-        rows.append(f'<div class="sample"><div class="head">{html.escape(sample_header(i, rec))}'
-                    f'</div><div class="toks">{" ".join(spans)}</div></div>')
+            cells = "".join(f"<td>{rec[c][t]:+.4f}</td>" for c in columns)
+            tip = (f'<span class="tip"><b>{html.escape(repr(token))}</b> (token {t})'
+                   f"<table><tr>{head}</tr><tr>{cells}</tr></table></span>")
+            spans.append(f'<span class="tok" tabindex="0" '
+                         f'style="background:{_rgba(rec[key][t] / scale)}">'
+                         f"{html.escape(token)}{tip}</span>")
+        stats = (f"score {rec['score']:+.3f} &middot; gold {rec['gold']:.3f} &middot; "
+                 f"KL {sequence_kl(rec):+.3f}")
+        rows.append(f'<div class="sample"><div class="head"><b>#{i}</b> '
+                    f'<span class="stats">{stats}</span></div><div class="toks">'
+                    f'<em class="prompt">{html.escape(rec["prompt"])}</em> '
+                    f'{" ".join(spans)}</div></div>')
+    legend = (f'<span class="key" style="background:{_rgba(-1)}">-{scale:.3f}</span> '
+              f'<span class="key">0</span> '
+              f'<span class="key" style="background:{_rgba(1)}">+{scale:.3f}</span>')
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>rlhf-toy inspect</title>"
             f"<style>{_CSS}</style></head><body><p>{html.escape(describe(report))}</p>"
-            f"<p>Tokens coloured by {key}: green positive, red negative (full colour at "
-            f"|{key}| = {scale:.3f}); hover a token for every column.</p>"
-            f"{''.join(rows)}</body></html>\n")
+            f"<p>Tokens coloured by {key} {legend}; the prompt is in grey. Hover a token "
+            f"for every column.</p>{''.join(rows)}</body></html>\n")
 
 
-_CSS = ("body{font-family:sans-serif;margin:1.5em}.sample{margin:1em 0}"
-        ".head{font-size:.85em;color:#444;margin-bottom:.3em}"
-        ".tok{font-family:monospace;padding:.15em .35em;border-radius:3px;"
-        "border:1px solid #ccc;cursor:default}")
+_CSS = ("body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:72em;color:#1a1a1a;"
+        "line-height:1.5}.sample{margin:1.2em 0}"
+        ".head{font-size:.9em;margin-bottom:.3em}.stats{color:#555;margin-left:.5em}"
+        ".prompt{color:#777;font-style:normal;font-family:monospace;margin-right:.3em}"
+        ".tok,.key{font-family:monospace;padding:.15em .35em;border-radius:3px;"
+        "border:1px solid #bbb;cursor:default;position:relative;display:inline-block;"
+        "margin:.1em 0}"
+        ".tip{display:none;position:absolute;left:0;top:2em;z-index:1;background:#fff;"
+        "color:#111;border:1px solid #888;border-radius:4px;padding:.4em;white-space:nowrap;"
+        "box-shadow:0 2px 8px rgba(0,0,0,.3)}"
+        ".tok:hover .tip,.tok:focus .tip{display:block}"
+        ".tip td,.tip th{padding:.1em .5em;text-align:right}")
 
 
 def _rgba(x: float) -> str:
-    """x in [-1, 1] -> a translucent red (negative) or green (positive)."""
-    alpha = min(1.0, abs(x))
+    """x in [-1, 1] -> a translucent red (negative) or green (positive); at most 70 %
+    opaque, so dark text stays readable on the strongest colour."""
+    alpha = 0.7 * min(1.0, abs(x))
     return f"rgba(46,160,67,{alpha:.3f})" if x >= 0 else f"rgba(214,39,40,{alpha:.3f})"
 
 

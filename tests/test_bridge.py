@@ -73,9 +73,11 @@ def test_reference_starts_with_a_clearly_positive_gap(result):
 
 @pytest.mark.parametrize("method", TRAINED)
 def test_trainers_close_most_of_the_gap(result, method):
+    """The README's claim: each trainer closes 92-95 % of the reference's gap (seed 0: PPO
+    92.2 %, DPO 95.4 %; seeds 1 and 2: PPO 95 % / 93 %, DPO 92.5 % / 87 %)."""
     ref, row = result["policies"]["reference"], result["policies"][method]
-    assert row["gap"] < 0.35 * ref["gap"]
-    assert row["kl_to_optimum"] < 0.35 * ref["kl_to_optimum"]
+    assert row["gap"] < 0.10 * ref["gap"]
+    assert row["kl_to_optimum"] < 0.10 * ref["kl_to_optimum"]
     assert row["expected_reward"] > ref["expected_reward"] + 0.3
     assert result["curves"][method][-1] == pytest.approx(row["gap"], abs=1e-12)
 

@@ -193,7 +193,7 @@ def test_cli_prints_tables_and_writes_json_html_png(ppo_dir, tmp_path, capsys):
     page = open(files["html"]).read()
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page
     assert page.count('class="tok"') == sum(len(s["token"]) for s in report["samples"])
-    assert f"advantage: {report['samples'][0]['advantage'][0]:+.4f}" in page
+    assert f"<td>{report['samples'][0]['advantage'][0]:+.4f}</td>" in page  # its hover row
     with open(files["png"], "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(files["png"]) > 10_000

@@ -39,11 +39,13 @@ from rlhf_toy.train.ppo import collect_rollout, ppo_update
 PROMPTS = ["the movie was", "the plot", "the", "the cast seemed"] * 2
 
 
-def _rollout(cfg: PPOConfig):
-    """A fresh policy with value head and one rollout of 8 prompts at `cfg`'s temperature."""
+def _rollout(cfg: PPOConfig, value_bias: float = 0.0):
+    """A fresh policy with value head (outputting `value_bias`) and one rollout of 8 prompts
+    at `cfg`'s temperature."""
     torch.manual_seed(0)
     tok = build_tokenizer(get_task("sentiment").words)
     model = PolicyWithValueHead(build_policy(tok)).eval()
+    torch.nn.init.constant_(model.value_head.bias, value_bias)
     ref = freeze(build_policy(tok))
     rm_config = model.policy.config.__class__(**{**model.policy.config.to_dict(), "num_labels": 1})
     rm = freeze(GPT2ForSequenceClassification(rm_config))
@@ -114,6 +116,15 @@ def test_value_step_moves_values_towards_the_returns():
     ppo_update(model, opt, acc, batch, cfg, torch.Generator().manual_seed(0))
     # measured over model-init seeds 0-2: the error falls to 0.10-0.22 of its value
     assert value_error() < 0.5 * before
+
+
+def test_rollout_values_are_zero_on_padding():
+    """A critic that outputs 0.5 everywhere: 0.5 on real tokens, 0 on padding (as `rewards`)."""
+    cfg = PPOConfig(output_dir="unused", max_new_tokens=20, whiten_advantages=False)
+    _, batch = _rollout(cfg, value_bias=0.5)
+    real = batch.mask.bool()
+    assert (~real).any() and torch.all(batch.values[real] == 0.5)
+    assert torch.all(batch.values[~real] == 0) and torch.all(batch.advantages[~real] == 0)
 
 
 def test_rollout_closed_forms_with_the_policy_as_reference():
