@@ -172,6 +172,20 @@ def test_ppo_value_loss_by_hand_with_and_without_clipping():
     assert wide_stats["value_clip_frac"] == 0.0
 
 
+def test_ppo_value_loss_clips_around_the_old_values():
+    """old values 1, eps = 0.2:
+    token  v    R   (v-R)^2  v_clip = 1 + clip(v - 1)  (v_clip-R)^2  max
+    0      1.5  2   0.25     1.2                       0.64          0.64  clipped larger
+    1      0.9  0   0.81     0.9                       0.81          0.81
+    loss = 0.5 * (0.64 + 0.81) / 2 = 0.3625 (clipping around 0 instead would give 1.0125).
+    """
+    values = torch.tensor([[1.5, 0.9]], dtype=torch.float64)
+    old, returns = torch.ones_like(values), torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    loss, stats = ppo_value_loss(values, old, returns, torch.ones_like(values), clip_range=0.2)
+    assert loss.item() == pytest.approx(0.3625)
+    assert stats["value_clip_frac"] == pytest.approx(0.5)
+
+
 # ---------------------------------------------------------------- DPO family, Bradley-Terry
 
 
