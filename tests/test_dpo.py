@@ -280,9 +280,10 @@ def test_thirty_steps_fit_the_train_pairs(tiny_run, tmp_path):
     train = preference_tensors(load_preferences(os.path.join(root, "prefs"))["train"], tok, ref,
                                "cpu")
     fitted = evaluate_pairs(load_policy(out), train, loss_fn(DPOConfig()), tok.pad_token_id)
-    # measured with the tiny settings: loss 0.592 (log 2 = 0.693), accuracy 0.71 (0.5 at step 0)
-    assert fitted["eval_loss"] < math.log(2) - 0.05
-    assert fitted["eval_accuracy"] > 0.62
+    # measured with DPO seeds 0, 1, 2 (the tiny settings): loss 0.592 / 0.590 / 0.598
+    # (log 2 = 0.693), accuracy 0.710 / 0.695 / 0.684 (0.5 at step 0)
+    assert fitted["eval_loss"] < 0.62
+    assert fitted["eval_accuracy"] > 0.66
 
 
 # Measured on the tiny pipeline (the `tiny_run` fixture's sft/prefs/reward), 100 steps, 64

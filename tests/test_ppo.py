@@ -70,8 +70,12 @@ def test_ppo_end_to_end_raises_the_reward_model_score(tiny_run):
     out, _ = tiny_run
     summary = run_stage("ppo", out, "--max_steps", "12", "--batch_size", "32",
                         "--mini_batch_size", "16", "--learning_rate", "1e-3")
-    assert summary["proxy_reward_after"] > summary["proxy_reward_before"] + 0.5
-    assert 0.0 < summary["kl_to_ref"] < 50.0
+    # measured with PPO seeds 0, 1, 2 (same tiny sft/prefs/reward): proxy +1.26 / +1.23 /
+    # +1.27, gold 0.461 -> 0.656 / 0.424 -> 0.665 / 0.426 -> 0.603 (+0.18 to +0.24),
+    # KL 3.47 / 4.34 / 3.12 nats
+    assert summary["proxy_reward_after"] > summary["proxy_reward_before"] + 0.8
+    assert summary["gold_reward_after"] > summary["gold_reward_before"] + 0.1
+    assert 1.0 < summary["kl_to_ref"] < 8.0
     rows = [json.loads(line) for line in open(os.path.join(out, "ppo", "metrics.jsonl"))]
     keys = {"score", "gold", "kl", "entropy", "policy_loss", "value_loss", "clip_frac",
             "approx_kl", "explained_var", "response_len", "eos_frac"}
@@ -88,6 +92,8 @@ def test_beta_controls_the_distance_to_the_reference(tiny_run, tmp_path):
                             "--mini_batch_size", "16", "--learning_rate", "1e-3",
                             "--beta", str(beta), "--output_dir", str(tmp_path / f"b{beta}"))
         kl[beta] = summary["kl_to_ref"]
-    # whitened advantages keep every update the same size, so even beta=10 drifts a little
-    assert 0.0 <= kl[10.0] < 2.5
+    # whitened advantages keep every update the same size, so even beta=10 drifts a little;
+    # measured with PPO seeds 0, 1, 2: KL at beta 10 1.68 / 1.67 / 1.62, at beta 0
+    # 29.5 / 6.20 / 7.85 (ratio >= 3.7)
+    assert 0.0 <= kl[10.0] < 2.0
     assert kl[0.0] > 3 * kl[10.0]
