@@ -133,7 +133,10 @@ def test_dpo_draws_of_two_processes_cover_the_single_process_batch():
 def test_two_process_ddp_update_equals_single_process_on_combined_batch(tmp_path):
     from accelerate import Accelerator
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # PYTHONPATH: the launched script must import this checkout's rlhf_toy, not an installed one
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     # `--cpu` would make accelerate 1.x fall back to its one-process launcher; `--multi_gpu`
     # starts torchrun, and `Accelerator(cpu=True)` in the script then picks gloo on CPU.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
