@@ -95,10 +95,11 @@ MUTANTS = [
     _m("entropy sign", "return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)",
        "return (p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)", CORE),
     _m("PPO takes the min of the two surrogates",
-       "loss = masked_mean(torch.maximum(unclipped, clipped), mask)",
-       "loss = masked_mean(torch.minimum(unclipped, clipped), mask)", CORE),
-    _m("PPO ratio inverted", "torch.where(real, logprobs - old_logprobs, zero)",
-       "torch.where(real, old_logprobs - logprobs, zero)", CORE),
+       "return torch.maximum(unclipped, clipped), ratio, clipped > unclipped",
+       "return torch.minimum(unclipped, clipped), ratio, clipped > unclipped", CORE),
+    _m("PPO ratio inverted",
+       "torch.where(real, logprobs - old_logprobs, zero)  # (B, T), 0 on padding",
+       "torch.where(real, old_logprobs - logprobs, zero)  # (B, T), 0 on padding", CORE),
     _m("PPO clip range too wide above", "ratio.clamp(1.0 - clip_range, 1.0 + clip_range)",
        "ratio.clamp(1.0 - clip_range, 1.0 + 2 * clip_range)", CORE),
     _m("value loss without the 1/2",
@@ -136,8 +137,8 @@ MUTANTS = [
     _m("update forward drops the temperature",
        "mb.response_ids, mb.mask,\n                                       "
        "temperature=cfg.temperature)", "mb.response_ids, mb.mask)", UPDATE),
-    _m("entropy bonus sign", "loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy",
-       "loss = pg_loss + cfg.vf_coef * vf_loss + cfg.ent_coef * entropy", UPDATE),
+    _m("entropy bonus sign", "loss = loss - cfg.ent_coef * entropy",
+       "loss = loss + cfg.ent_coef * entropy", UPDATE),
     _m("value loss targets swapped", "ppo_value_loss(values.float(), mb.values, mb.returns,",
        "ppo_value_loss(values.float(), mb.returns, mb.values,", UPDATE),
     _m("reference log-probs without the temperature",
@@ -146,13 +147,14 @@ MUTANTS = [
     _m("missing-EOS penalty becomes a bonus",
        "scores = scores - cfg.missing_eos_penalty * (~s.ended_with_eos).float()",
        "scores = scores + cfg.missing_eos_penalty * (~s.ended_with_eos).float()", UPDATE),
-    _m("values not masked", "values = values.float() * mask", "values = values.float()",
-       UPDATE),
+    _m("values not masked", "values=None if values is None else values.float() * mask",
+       "values=None if values is None else values.float()", UPDATE),
     _m("advantage whitening reversed", "if cfg.whiten_advantages:",
        "if not cfg.whiten_advantages:", UPDATE),
     _m("episode ends at the first token",
-       "dones = F.one_hot(last_token_index(mask), mask.shape[1]).float()",
-       "dones = F.one_hot(torch.zeros_like(last_token_index(mask)), mask.shape[1]).float()",
+       "dones = F.one_hot(last_token_index(batch.mask), batch.mask.shape[1]).float()",
+       "dones = F.one_hot(torch.zeros_like(last_token_index(batch.mask)), "
+       "batch.mask.shape[1]).float()",
        UPDATE),
     # the DPO step (train/dpo.py)
     _m("DPO sums log-probs over padding too",
@@ -161,10 +163,8 @@ MUTANTS = [
     _m("DPO chosen and rejected swapped", "return logps.chunk(2)",
        "return logps.chunk(2)[::-1]", DPO),
     _m("DPO reference log-probs swapped",
-       "data.ref_chosen[index],\n                                                    "
-       "data.ref_rejected[index]",
-       "data.ref_rejected[index],\n                                                    "
-       "data.ref_chosen[index]", DPO),
+       "(data.ref_chosen[index], data.ref_rejected[index])",
+       "(data.ref_rejected[index], data.ref_chosen[index])", DPO),
 ]
 
 

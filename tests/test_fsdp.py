@@ -7,7 +7,7 @@ as a script on CPU (gloo): each process shards the model with `rlhf_toy.sharding
 DTensor with half its rows here), then
 1. collects a PPO rollout from the sharded model (`collect_rollout`, which samples from
    `sampling_policy`: the full weights gathered once),
-2. runs `ppo_update` (2 epochs, one minibatch each) on its half of the PPO batch of
+2. runs `update` (2 epochs, one minibatch each) on its half of the PPO batch of
    `tests/test_ddp.py`, and two DPO steps on its DPO pairs,
 and rank 0 saves the gathered weights and the rollout. The test repeats all of it in one
 process with plain weights and compares (SGD and full masks, for the reasons given in
@@ -25,11 +25,11 @@ import torch
 from test_ddp import LR, ROWS, _free_port, _tokenizer, dpo_data, dpo_indices, ppo_batch
 from transformers import GPT2ForSequenceClassification
 
-from rlhf_toy.config import PPOConfig
 from rlhf_toy.core import dpo_loss
 from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
 from rlhf_toy.sharding import full_state_dict, is_sharded, shard_model
-from rlhf_toy.train.ppo import collect_rollout, ppo_update
+from rlhf_toy.train.onpolicy import collect_rollout, update
+from rlhf_toy.train.ppo import PPO, PPOConfig
 
 PROMPTS = ["the movie was", "the plot", "the", "the cast seemed"]
 ROLLOUT_FIELDS = ("response_ids", "mask", "logprobs", "ref_logprobs", "values", "scores",
@@ -44,7 +44,7 @@ def rollout(model, tok) -> dict[str, torch.Tensor]:
     rm = freeze(GPT2ForSequenceClassification(config))
     cfg = PPOConfig(output_dir="unused", temperature=0.8, max_new_tokens=8)
     model.eval()
-    batch = collect_rollout(model, ref, rm, tok, PROMPTS, cfg, cfg.beta,
+    batch = collect_rollout(PPO, model, ref, rm, tok, PROMPTS, cfg, cfg.beta,
                             torch.Generator().manual_seed(0))
     return {f: getattr(batch, f) for f in ROLLOUT_FIELDS}
 
@@ -67,7 +67,7 @@ def updated_weights(acc, sharded: bool) -> dict[str, dict]:
     out = {"rollout": rollout(model, tok)}
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     model.train()
-    ppo_update(model, opt, acc, batch, cfg, torch.Generator().manual_seed(0))
+    update(PPO, model, opt, acc, batch, cfg, cfg.beta, torch.Generator().manual_seed(0))
     out["ppo"] = full_state_dict(model)
 
     data = dpo_data(tok)

@@ -1,7 +1,7 @@
-"""What `ppo_update` and resuming do, observed directly (each test catches a planted bug).
+"""What `update` and resuming do, observed directly (each test catches a planted bug).
 
 - At a sampling temperature other than 1 with a zero learning rate, every minibatch of
-  `ppo_update` sees the rollout's own log-probs: ratio = exp(logp - old_logp) = 1 exactly,
+  `update` sees the rollout's own log-probs: ratio = exp(logp - old_logp) = 1 exactly,
   approx KL = E[(ratio - 1) - log ratio] = 0, nothing clipped. Dropping the temperature
   from the update's forward changes every log-prob (logits / 0.8 vs logits), so the
   ratio moves away from 1.
@@ -28,13 +28,13 @@ import torch
 from accelerate import Accelerator
 from transformers import GPT2ForSequenceClassification
 
-from rlhf_toy.config import PPOConfig
 from rlhf_toy.core import entropy_from_logits, masked_mean
 from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
 from rlhf_toy.train.checkpoint import Checkpointer
-from rlhf_toy.train.ppo import collect_rollout, ppo_update
+from rlhf_toy.train.onpolicy import collect_rollout, update
+from rlhf_toy.train.ppo import PPO, PPOConfig
 
 PROMPTS = ["the movie was", "the plot", "the", "the cast seemed"] * 2
 
@@ -49,7 +49,7 @@ def _rollout(cfg: PPOConfig, value_bias: float = 0.0):
     ref = freeze(build_policy(tok))
     rm_config = model.policy.config.__class__(**{**model.policy.config.to_dict(), "num_labels": 1})
     rm = freeze(GPT2ForSequenceClassification(rm_config))
-    batch = collect_rollout(model, ref, rm, tok, PROMPTS, cfg, cfg.beta,
+    batch = collect_rollout(PPO, model, ref, rm, tok, PROMPTS, cfg, cfg.beta,
                             torch.Generator().manual_seed(0))
     return model, batch
 
@@ -69,7 +69,7 @@ def test_update_at_temperature_08_with_zero_lr_sees_ratio_one():
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     model, opt = acc.prepare(model, opt)
     model.train()
-    stats = ppo_update(model, opt, acc, batch, cfg, torch.Generator().manual_seed(0))
+    stats = update(PPO, model, opt, acc, batch, cfg, cfg.beta, torch.Generator().manual_seed(0))
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-6)
     assert 0.0 <= stats["approx_kl"] < 1e-10 and stats["clip_frac"] == 0.0
@@ -87,7 +87,7 @@ def test_entropy_bonus_raises_the_entropy():
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     model, opt = acc.prepare(model, opt)
     model.train()
-    stats = ppo_update(model, opt, acc, batch, cfg, torch.Generator().manual_seed(0))
+    stats = update(PPO, model, opt, acc, batch, cfg, cfg.beta, torch.Generator().manual_seed(0))
     after = _entropy(model, batch, cfg.temperature)
     assert stats["entropy"] == pytest.approx(before, abs=1e-5)  # logged before the step
     # measured over model-init seeds 0-2: +0.0124 nats (0.01237-0.01249) from about 3.60;
@@ -113,7 +113,7 @@ def test_value_step_moves_values_towards_the_returns():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model, opt = acc.prepare(model, opt)
     model.train()
-    ppo_update(model, opt, acc, batch, cfg, torch.Generator().manual_seed(0))
+    update(PPO, model, opt, acc, batch, cfg, cfg.beta, torch.Generator().manual_seed(0))
     # measured over model-init seeds 0-2: the error falls to 0.10-0.22 of its value
     assert value_error() < 0.5 * before
 
@@ -134,7 +134,7 @@ def test_rollout_closed_forms_with_the_policy_as_reference():
     tok = build_tokenizer(get_task("sentiment").words)
     model = PolicyWithValueHead(build_policy(tok)).eval()
     c = 0.7
-    batch = collect_rollout(model, copy.deepcopy(model.policy), None, tok, PROMPTS, cfg,
+    batch = collect_rollout(PPO, model, copy.deepcopy(model.policy), None, tok, PROMPTS, cfg,
                             cfg.beta, torch.Generator().manual_seed(0),
                             score_fn=lambda ids, *_: torch.full((ids.shape[0],), c))
     assert torch.allclose(batch.ref_logprobs, batch.logprobs, atol=1e-6)
