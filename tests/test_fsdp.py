@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 
 import torch
 from test_ddp import LR, ROWS, _free_port, _tokenizer, dpo_data, dpo_indices, ppo_batch
 from transformers import GPT2ForSequenceClassification
 
-from rlhf_toy.core import dpo_loss
+from rlhf_toy.core import PREFERENCE_LOSSES
 from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
 from rlhf_toy.sharding import full_state_dict, is_sharded, shard_model
 from rlhf_toy.train.onpolicy import collect_rollout, update
@@ -79,7 +80,7 @@ def updated_weights(acc, sharded: bool) -> dict[str, dict]:
     policy.train()
     for step in range(2):
         value, _ = batch_loss(policy, data, dpo_indices(acc, step),
-                              lambda *x: dpo_loss(*x, beta=0.5), tok.pad_token_id)
+                              partial(PREFERENCE_LOSSES["sigmoid"], beta=0.5), tok.pad_token_id)
         acc.backward(value)
         acc.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
