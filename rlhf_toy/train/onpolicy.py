@@ -42,7 +42,7 @@ from rlhf_toy.models import (
     response_logits,
     reward_scores,
 )
-from rlhf_toy.rollout import decode_responses, encode_prompts, sample
+from rlhf_toy.rollout import Samples, decode_responses, encode_prompts, sample
 from rlhf_toy.sharding import plain, sampling_policy
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
@@ -136,6 +136,14 @@ def collect_rollout(method: OnPolicyMethod, model, ref_model, reward_model, toke
     with sampling_policy(model.policy) as policy:  # full weights, also under FSDP
         s = sample(policy, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id,
                    tokenizer.pad_token_id, cfg.temperature, cfg.top_k, generator=generator)
+    return score_rollout(method, model, ref_model, reward_model, s, cfg, beta, score_fn)
+
+
+@torch.no_grad()
+def score_rollout(method: OnPolicyMethod, model, ref_model, reward_model, s: Samples,
+                  cfg: OnPolicyConfig, beta: float, score_fn=None) -> Rollout:
+    """Steps 2-4 of an iteration on sampled responses `s`, whichever policy sampled them
+    (`rlhf-toy inspect` scores one set of responses under several methods)."""
     inputs = (s.prompt_ids, s.prompt_mask, s.response_ids, s.mask)
     # 2. score: the reward model reads the last real token; a cut response pays a penalty
     scores = (reward_scores(reward_model, *inputs) if score_fn is None
