@@ -1,9 +1,11 @@
-"""`rlhf-toy inspect`: every number of the token MDP, one row per sampled response token.
+"""`rlhf-toy inspect`: every number of the token MDP, one row per sampled response token,
+for a checkpoint of any registered method, or for several side by side.
 
 Shapes: B sampled responses, P prompt length, T response length.
 
-For a PPO checkpoint the columns are what the PPO update uses: `collect_rollout` with the
-run's own beta, KL estimator, gamma and lam, keeping the raw GAE advantages (before batch
+Each checkpoint's columns are computed by its method's own objects (`rlhf_toy.credit`).
+For a PPO checkpoint they are what the PPO update uses: `score_rollout` with the run's
+own beta, KL estimator, gamma and lam, keeping the raw GAE advantages (before batch
 whitening). For every real token t of a response:
 
     kl[t]        = kl_per_token(logprob[t], ref_logprob[t], kl_estimator)
@@ -11,57 +13,50 @@ whitening). For every real token t of a response:
     advantage[t] = GAE(reward, value; gamma, lam)[t]
     return[t]    = advantage[t] + value[t]              (the critic's target)
 
+The critic-free methods show their own `reward` and `advantage` (and REINFORCE++ its
+returns-to-go as `return`), with `value` None: GRPO the group-normalized sequence reward
+and RLOO the score minus the leave-one-out mean, on every token of a completion (their
+groups are G consecutive completions of one prompt, so `n` must be a multiple of G);
+REINFORCE++ the per-token KL reward and its returns-to-go whitened over the B responses.
+
 `score` is the score that enters the rewards: the reward model's, minus the run's
 `missing_eos_penalty` for a response cut by the length limit (whitened over the n samples
 if the run whitened scores). A run with an adaptive KL controller is shown with the beta
 it ended with (the last `beta` in its metrics.jsonl).
 
-For a DPO checkpoint there is no critic: `kl` is k1, `reward` is the implicit per-token
-reward beta * (logprob - ref_logprob) (Rafailov et al. 2023, section 5), `score` is the
+For a preference checkpoint (`dpo`, `ipo`, `simpo`) there is no critic: `kl` is k1,
+`reward` is the loss's implicit per-token reward (`core.implicit_token_rewards`: beta *
+(logprob - ref_logprob) for DPO and IPO, beta / |y| * logprob for SimPO), `score` is the
 reward model's (for comparison only), and `value`, `return`, `advantage` are None.
 
-A report (what `inspect_samples` returns and `--json` writes):
-    {"stage", "checkpoint", "beta", "gamma", "lam", "kl_estimator",
+With several checkpoints (`--compare_dirs`) the responses are sampled once, from the
+first checkpoint's policy with its run's decoding settings, and every checkpoint scores
+those same responses with its own credit.
+
+A report (what `inspect_samples` returns and `--json` writes; with several checkpoints
+`--json` writes {"reports": [report, ...]}):
+    {"stage", "method", "checkpoint", "beta", "gamma", "lam", "kl_estimator", "credit",
      "samples": [{"prompt", "response", "score", "gold", "token": [...], "logprob": [...],
                   ..., "advantage": [...]}]}
 """
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
 import os
 import random
 import textwrap
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 
 from rlhf_toy.config import _f, check
-from rlhf_toy.core import kl_per_token, logprobs_from_logits
+from rlhf_toy.credit import group_size, load_credits, read_checkpoint
 from rlhf_toy.errors import UsageError
-from rlhf_toy.models import (
-    VALUE_HEAD_FILE,
-    PolicyWithCritic,
-    PolicyWithValueHead,
-    RewardCritic,
-    freeze,
-    load_policy,
-    load_reward_model,
-    response_logits,
-    reward_scores,
-)
 from rlhf_toy.rollout import decode_responses, encode_prompts, sample
 from rlhf_toy.tasks import get_task
-from rlhf_toy.tokenizer import load_tokenizer
-from rlhf_toy.train.common import read_run_config
 from rlhf_toy.train.memory import check_memory
-from rlhf_toy.train.snapshots import CRITIC_COLUMNS, ppo_records, token_records
-
-if TYPE_CHECKING:  # train.ppo imports this module
-    from rlhf_toy.train.ppo import PPOConfig
 
 COLUMNS = ("token", "logprob", "ref_logprob", "kl", "reward", "value", "return", "advantage")
 SIGNED = ("kl", "reward", "value", "return", "advantage")  # coloured by sign in the table
@@ -71,23 +66,28 @@ SIGNED = ("kl", "reward", "value", "return", "advantage")  # coloured by sign in
 class InspectConfig:
     """Per-token log-probs, KL, rewards, values, returns and advantages of sampled responses."""
 
-    checkpoint: str = _f("runs/default/ppo", "a PPO or DPO run directory")
-    n: int = _f(4, "responses to sample")
+    checkpoint: str = _f("runs/default/ppo", "a run directory of any method (ppo, grpo, "
+                                             "rloo, reinforce_pp, dpo, ipo, simpo)")
+    compare_dirs: list[str] = field(default_factory=list, metadata={
+        "help": "more run directories: the checkpoint's sampled responses scored under each "
+                "one's credit too (side by side; an HTML switch between methods)"})
+    n: int = _f(4, "responses to sample (a multiple of GRPO/RLOO's num_generations)")
     prompt: str = _f("", "answer this prompt (n times) instead of sampling task prompts")
     json: str = _f("", "write the report as JSON to this file")
     html: str = _f("", "write a self-contained HTML page (tokens coloured by advantage)")
     png: str = _f("", "write a heatmap figure (tokens by quantity)")
     seed: int = _f(0, "seed of the prompts and the sampling")
     device: str = _f("cpu", "cpu | cuda | auto")
-    beta: float | None = _f(None, "override the run's KL coefficient (PPO) or DPO beta")
-    kl_estimator: str = _f("", "override the run's KL estimator: k1 | k2 | k3 (PPO only)")
-    gamma: float | None = _f(None, "override the run's discount (PPO only)")
-    lam: float | None = _f(None, "override the run's GAE lambda (PPO only)")
+    beta: float | None = _f(None, "override the runs' KL coefficient or preference beta")
+    kl_estimator: str = _f("", "override the runs' KL estimator: k1 | k2 | k3 (on-policy)")
+    gamma: float | None = _f(None, "override the runs' discount (ppo, reinforce_pp)")
+    lam: float | None = _f(None, "override the run's GAE lambda (ppo)")
 
     def __post_init__(self) -> None:
         check(self.n > 0, "n", "> 0", self.n)
         check(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", self.device)
-        read_checkpoint(self.checkpoint)
+        for path in (self.checkpoint, *self.compare_dirs):
+            read_checkpoint(path)
         for name in ("json", "html", "png"):
             path = getattr(self, name)
             if path and os.path.isdir(path):
@@ -98,26 +98,7 @@ class InspectConfig:
         check_memory(self, "inspect")
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def read_checkpoint(path: str) -> dict:
-    """The run config of a PPO or DPO run directory (`UsageError` for anything else)."""
-    if not os.path.isdir(path):
-        raise UsageError(f"checkpoint {path!r} does not exist (give a ppo or dpo run directory)")
-    run = read_run_config(path)
-    if run.get("stage") not in ("ppo", "dpo"):
-        what = f"a {run['stage']!r} run" if run.get("stage") else "no run_config.json"
-        raise UsageError(f"checkpoint {path!r} holds {what}; give a ppo or dpo run directory")
-    return run
-
-
-def _input_dir(path: str, checkpoint: str) -> str:
-    """A run's recorded input dir; a relative one that moved is looked up next to the run."""
-    if os.path.isdir(path):
-        return path
-    sibling = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), os.path.basename(path))
-    return sibling if os.path.isdir(sibling) else path
+# --------------------------------------------------------------------------- records
 
 
 def _device(name: str) -> torch.device:
@@ -128,35 +109,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load_actor_critic(checkpoint: str, run: dict, reward_dir: str):
-    """The trained policy with the critic saved next to it (frozen)."""
-    if run.get("critic", "value_head") == "value_head":
-        if not os.path.isfile(os.path.join(checkpoint, VALUE_HEAD_FILE)):
-            raise UsageError(f"PPO checkpoint {checkpoint!r} has no {VALUE_HEAD_FILE}")
-        return freeze(PolicyWithValueHead.from_pretrained(checkpoint))
-    critic_file = os.path.join(checkpoint, "critic.pt")
-    if not os.path.isfile(critic_file):
-        raise UsageError(f"PPO checkpoint {checkpoint!r} has no critic.pt")
-    model = PolicyWithCritic(load_policy(checkpoint), RewardCritic(load_reward_model(reward_dir)))
-    model.critic.load_state_dict(torch.load(critic_file, weights_only=True))
-    return freeze(model)
-
-
-def _final_beta(checkpoint: str, cfg: PPOConfig) -> float:
-    """The KL coefficient the run ended with (the adaptive controller moves it)."""
-    metrics = os.path.join(checkpoint, "metrics.jsonl")
-    if not cfg.adaptive_kl or not os.path.isfile(metrics):
-        return cfg.beta
-    with open(metrics) as fh:
-        betas = [row["beta"] for row in map(json.loads, fh) if "beta" in row]
-    return betas[-1] if betas else cfg.beta
-
-
-def _prompts(task, tokenizer, policy, n: int, prompt: str, seed: int,
-             max_new_tokens: int) -> list[str]:
-    """`n` task prompts, or `prompt` n times after checking it fits the model."""
+def _prompts(task, tokenizer, policy, n: int, prompt: str, seed: int, max_new_tokens: int,
+             group: int) -> list[str]:
+    """n / group task prompts, each `group` times in a row, or `prompt` n times after
+    checking it fits the model."""
     if not prompt:
-        return task.sample_prompts(n, random.Random(seed))
+        prompts = task.sample_prompts(n // group, random.Random(seed))
+        return [p for p in prompts for _ in range(group)]
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     unknown = [w for w, i in zip(prompt.split(), ids, strict=False) if i == tokenizer.unk_token_id]
     if not ids or unknown:
@@ -168,94 +127,52 @@ def _prompts(task, tokenizer, policy, n: int, prompt: str, seed: int,
     return [prompt] * n
 
 
-# --------------------------------------------------------------------------- records
+def inspect_methods(checkpoints: list[str], n: int = 4, prompt: str = "", seed: int = 0,
+                    device: str = "cpu", beta: float | None = None, kl_estimator: str = "",
+                    gamma: float | None = None, lam: float | None = None) -> list[dict]:
+    """Sample `n` responses once from the first checkpoint's policy and build each
+    checkpoint's per-token records of those same responses.
 
-
-@torch.no_grad()
-def _ppo_report(checkpoint: str, run: dict, n: int, prompt: str, seed: int,
-                device: torch.device, beta: float | None, overrides: dict) -> dict:
-    from rlhf_toy.train.onpolicy import collect_rollout
-    from rlhf_toy.train.ppo import PPO, PPOConfig
-
-    names = {f.name for f in dataclasses.fields(PPOConfig)}
-    cfg = PPOConfig(**{k: v for k, v in run.items() if k in names})
-    beta = _final_beta(checkpoint, cfg) if beta is None else beta
-    # raw advantages: whitening is a batch-level rescaling applied after GAE
-    cfg = dataclasses.replace(cfg, **overrides, beta=beta, whiten_advantages=False)
-    reward_dir = _input_dir(cfg.reward_dir, checkpoint)
-    model = _load_actor_critic(checkpoint, run, reward_dir).to(device)
-    ref_model = freeze(load_policy(_input_dir(cfg.sft_dir, checkpoint))).to(device)
-    reward_model = freeze(load_reward_model(reward_dir)).to(device)
-    task, tokenizer = get_task(cfg.task), load_tokenizer(checkpoint)
-    prompts = _prompts(task, tokenizer, model.policy, n, prompt, seed, cfg.max_new_tokens)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    batch = collect_rollout(PPO, model, ref_model, reward_model, tokenizer, prompts, cfg, beta,
-                            gen)
-    gold = task.gold_batch(prompts, decode_responses(tokenizer, batch.response_ids, batch.mask))
-    samples = ppo_records(batch, tokenizer, prompts, gold, cfg.kl_estimator, batch.advantages)
-    return {"stage": "ppo", "checkpoint": checkpoint, "beta": beta, "gamma": cfg.gamma,
-            "lam": cfg.lam, "kl_estimator": cfg.kl_estimator, "samples": samples}
-
-
-def _response_logprobs(model, inputs: tuple, temperature: float) -> torch.Tensor:
-    """log pi(a_t | s_t) of each response token, 0 on padding: (B, T)."""
-    logits = response_logits(model, *inputs, temperature=temperature)  # (B, T, V)
-    return logprobs_from_logits(logits, inputs[2]) * inputs[3]
-
-
-@torch.no_grad()
-def _dpo_report(checkpoint: str, run: dict, n: int, prompt: str, seed: int,
-                device: torch.device, beta: float | None) -> dict:
-    beta = run["beta"] if beta is None else beta
-    check(beta > 0, "beta", "> 0", beta)
-    policy = freeze(load_policy(checkpoint)).to(device)
-    ref_model = freeze(load_policy(_input_dir(run["sft_dir"], checkpoint))).to(device)
-    reward_model = freeze(load_reward_model(_input_dir(run["reward_dir"], checkpoint))).to(device)
-    task, tokenizer = get_task(run["task"]), load_tokenizer(checkpoint)
-    temperature = run["temperature"]
-    prompts = _prompts(task, tokenizer, policy, n, prompt, seed, run["max_new_tokens"])
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    s = sample(policy, prompt_ids, prompt_mask, run["max_new_tokens"], tokenizer.eos_token_id,
-               tokenizer.pad_token_id, temperature, run["top_k"],
-               generator=torch.Generator(device=device).manual_seed(seed))
-    inputs = (s.prompt_ids, s.prompt_mask, s.response_ids, s.mask)
-    logprobs = _response_logprobs(policy, inputs, temperature)  # (B, T)
-    ref_logprobs = _response_logprobs(ref_model, inputs, temperature)  # (B, T)
-    kl = kl_per_token(logprobs, ref_logprobs, "k1") * s.mask
-    scores = reward_scores(reward_model, *inputs).float()  # (B,)
+    Args:
+        checkpoints: run directories of registered methods (the first one samples).
+        n: responses to sample, a multiple of every group size (GRPO/RLOO's G); prompt:
+            answer this prompt n times instead of task prompts.
+        seed: seeds the prompts and the draws (same seed, same responses whatever lam is).
+        beta, kl_estimator, gamma, lam: override the runs' own values (None / "" keep
+            them); gamma, lam and kl_estimator apply to the runs that have them.
+    Returns:
+        one report per checkpoint, as described in the module docstring.
+    Raises:
+        UsageError: not a registered method's run, n not a positive multiple of the group
+            size, an override out of range or not applicable.
+    """
+    check(n > 0, "n", "> 0", n)
+    overrides = {k: v for k, v in (("kl_estimator", kl_estimator), ("gamma", gamma),
+                                   ("lam", lam)) if v not in (None, "")}
+    dev = _device(device)
+    credits = load_credits(checkpoints, dev, beta, overrides)
+    group = group_size(credits)
+    check(n % group == 0, "n", f"a multiple of {group} (completions are scored in groups of "
+          "num_generations per prompt)", n)
+    first, tokenizer = credits[0].sampling, credits[0].tokenizer
+    task = get_task(credits[0].task_name)
+    prompts = _prompts(task, tokenizer, first.policy, n, prompt, seed, first.max_new_tokens,
+                       group)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, dev)
+    with torch.no_grad():
+        s = sample(first.policy, prompt_ids, prompt_mask, first.max_new_tokens,
+                   tokenizer.eos_token_id, tokenizer.pad_token_id, first.temperature,
+                   first.top_k, generator=torch.Generator(device=dev).manual_seed(seed))
     gold = task.gold_batch(prompts, decode_responses(tokenizer, s.response_ids, s.mask))
-    columns = {"logprob": logprobs, "ref_logprob": ref_logprobs, "kl": kl,
-               "reward": beta * kl, **dict.fromkeys(CRITIC_COLUMNS)}
-    samples = token_records(tokenizer, prompts, gold, scores, s.response_ids, s.mask, columns)
-    return {"stage": "dpo", "checkpoint": checkpoint, "beta": beta, "gamma": None, "lam": None,
-            "kl_estimator": "k1", "samples": samples}
+    return [c.report(s, prompts, gold) for c in credits]
 
 
 def inspect_samples(checkpoint: str, n: int = 4, prompt: str = "", seed: int = 0,
                     device: str = "cpu", beta: float | None = None, kl_estimator: str = "",
                     gamma: float | None = None, lam: float | None = None) -> dict:
-    """Sample `n` responses from a PPO or DPO checkpoint and build their per-token records.
-
-    Args:
-        checkpoint: a `ppo` or `dpo` run directory.
-        n: responses to sample; prompt: answer this prompt n times instead of task prompts.
-        seed: seeds the prompts and the draws (same seed, same responses whatever lam is).
-        beta, kl_estimator, gamma, lam: override the run's own values (None / "" keep them).
-    Returns:
-        the report described in the module docstring (what `--json` writes).
-    Raises:
-        UsageError: not a ppo/dpo run, n <= 0, an override out of range or not applicable.
-    """
-    check(n > 0, "n", "> 0", n)
-    run = read_checkpoint(checkpoint)
-    overrides = {k: v for k, v in (("kl_estimator", kl_estimator), ("gamma", gamma),
-                                   ("lam", lam)) if v not in (None, "")}
-    if run["stage"] == "dpo":
-        if overrides:
-            raise UsageError(f"{sorted(overrides)[0]} applies to PPO checkpoints only "
-                             f"({checkpoint!r} is a DPO run: no critic, no GAE)")
-        return _dpo_report(checkpoint, run, n, prompt, seed, _device(device), beta)
-    return _ppo_report(checkpoint, run, n, prompt, seed, _device(device), beta, overrides)
+    """`inspect_methods` of one checkpoint: its report (what `--json` writes)."""
+    return inspect_methods([checkpoint], n, prompt, seed, device, beta, kl_estimator, gamma,
+                           lam)[0]
 
 
 # --------------------------------------------------------------------------- views
@@ -267,14 +184,14 @@ def sequence_kl(rec: dict) -> float:
 
 
 def describe(report: dict) -> str:
-    """One line naming the checkpoint and the constants the columns were built with."""
-    if report["stage"] == "dpo":
-        return (f"DPO checkpoint {report['checkpoint']}: reward = beta * (logprob - ref_logprob) "
-                f"with beta={report['beta']:g}, the implicit reward; no critic, so no value, "
-                "return or advantage")
-    return (f"PPO checkpoint {report['checkpoint']}: beta={report['beta']:g} "
-            f"kl_estimator={report['kl_estimator']} gamma={report['gamma']:g} "
-            f"lam={report['lam']:g}; advantages before batch whitening")
+    """One line naming the checkpoint, the constants and how its credit is computed."""
+    head = f"{report.get('method', report['stage'])} checkpoint {report['checkpoint']}: "
+    if colour_column(report) == "reward":  # a preference method: its credit says it all
+        return head + report["credit"]
+    constants = " ".join(f"{k}={report[k]:g}" for k in ("beta", "gamma", "lam")
+                         if report[k] is not None)
+    credit = report.get("credit", "advantage before batch whitening")
+    return f"{head}{constants} kl_estimator={report['kl_estimator']}; {credit}"
 
 
 def sample_header(i: int, rec: dict) -> str:
@@ -320,14 +237,39 @@ def _cell(column: str, value: float):
 
 
 def colour_column(report: dict) -> str:
-    """What the HTML and the terminal colour tokens by: the advantage (PPO), the reward (DPO)."""
-    return "advantage" if report["stage"] == "ppo" else "reward"
+    """What the HTML and the side-by-side table show: the advantage where the method has
+    one (on-policy), the implicit reward otherwise (preference)."""
+    first = report["samples"][0] if report["samples"] else {}
+    return "advantage" if first.get("advantage") is not None else "reward"
 
 
-def render_html(report: dict) -> str:
-    """A self-contained page: per response, its prompt and a row of tokens coloured by
-    `colour_column`; hovering (or focusing) a token shows its row of the table, every
-    column, beside it (CSS only, no script)."""
+def render_side_by_side(reports: list[dict], console=None) -> None:
+    """One table per response: a row per token, a column per method with its credit
+    (`colour_column`), for responses every report shares."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console()
+    for r in reports:
+        console.print(Text(describe(r)), soft_wrap=True)
+    keys = [colour_column(r) for r in reports]
+    for i, rec in enumerate(reports[0]["samples"]):
+        console.print(Text(sample_header(i, rec)), soft_wrap=True)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        table.add_column("token", no_wrap=True)
+        for r, key in zip(reports, keys, strict=True):
+            table.add_column(f"{r['method']} {key}", justify="right", no_wrap=True)
+        for t, token in enumerate(rec["token"]):
+            table.add_row(Text(token), *(_cell(key, r["samples"][i][key][t])
+                                         for r, key in zip(reports, keys, strict=True)))
+        console.print(table)
+
+
+def _html_view(report: dict) -> str:
+    """A report's description and a row of tokens per response, coloured by
+    `colour_column`, each token's every column in its tooltip."""
     key = colour_column(report)
     columns = _present(report)[1:]
     scale = max([abs(v) for rec in report["samples"] for v in rec[key]] + [1e-8])
@@ -351,10 +293,28 @@ def render_html(report: dict) -> str:
     legend = (f'<span class="key" style="background:{_rgba(-1)}">-{scale:.3f}</span> '
               f'<span class="key">0</span> '
               f'<span class="key" style="background:{_rgba(1)}">+{scale:.3f}</span>')
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>rlhf-toy inspect</title>"
-            f"<style>{_CSS}</style></head><body><p>{html.escape(describe(report))}</p>"
+    return (f"<p>{html.escape(describe(report))}</p>"
             f"<p>Tokens coloured by {key} {legend}; the prompt is in grey. Hover a token "
-            f"for every column.</p>{''.join(rows)}</body></html>\n")
+            f"for every column.</p>{''.join(rows)}")
+
+
+def render_html(reports: list[dict]) -> str:
+    """A self-contained page (no script): one report's view, or with several a switch
+    (radio buttons styled by CSS alone) between the methods' views of the same responses."""
+    if len(reports) == 1:
+        body = _html_view(reports[0])
+    else:
+        radios = "".join(f'<input type="radio" name="method" id="m{i}"{" checked" * (i == 0)}>'
+                         f'<label for="m{i}">{html.escape(r["method"])}</label>'
+                         for i, r in enumerate(reports))
+        views = "".join(f'<div class="view" id="v{i}">{_html_view(r)}</div>'
+                        for i, r in enumerate(reports))
+        show = ",".join(f"#m{i}:checked~#v{i}" for i in range(len(reports)))
+        body = (f"<p>The same responses under each method's credit; pick a method:</p>"
+                f"<style>.view{{display:none}}{show}{{display:block}}"
+                f"input:checked+label{{font-weight:bold}}</style>{radios}{views}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>rlhf-toy inspect</title>"
+            f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
 
 
 _CSS = ("body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:72em;color:#1a1a1a;"
@@ -419,13 +379,19 @@ def _write(path: str, text: str) -> None:
 
 def run_inspect(cfg: InspectConfig) -> dict:
     """`rlhf-toy inspect`: print the tables, write the requested files, return a summary."""
-    report = inspect_samples(cfg.checkpoint, cfg.n, cfg.prompt, cfg.seed, cfg.device, cfg.beta,
-                             cfg.kl_estimator, cfg.gamma, cfg.lam)
-    render_terminal(report)
+    reports = inspect_methods([cfg.checkpoint, *cfg.compare_dirs], cfg.n, cfg.prompt,
+                              cfg.seed, cfg.device, cfg.beta, cfg.kl_estimator, cfg.gamma,
+                              cfg.lam)
+    report = reports[0]
+    if len(reports) == 1:
+        render_terminal(report)
+    else:
+        render_side_by_side(reports)
     if cfg.json:
-        _write(cfg.json, json.dumps(report, indent=2) + "\n")
+        doc = report if len(reports) == 1 else {"reports": reports}
+        _write(cfg.json, json.dumps(doc, indent=2) + "\n")
     if cfg.html:
-        _write(cfg.html, render_html(report))
+        _write(cfg.html, render_html(reports))
     if cfg.png:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.png)), exist_ok=True)
         render_png(report, cfg.png)

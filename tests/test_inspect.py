@@ -170,7 +170,7 @@ def test_dpo_reward_is_the_implicit_per_token_reward(dpo_dir, capsys):
     header = next(line for line in out.splitlines() if line.lstrip().startswith("token"))
     assert "no critic" in out and header.split() == ["token", "logprob", "ref_logprob", "kl",
                                                      "reward"]
-    with pytest.raises(UsageError, match="lam applies to PPO checkpoints only"):
+    with pytest.raises(UsageError, match="lam applies to checkpoints of ppo only"):
         inspect_samples(dpo_dir, n=1, lam=0.5)
 
 
@@ -217,7 +217,7 @@ def test_a_checkpoint_that_is_neither_ppo_nor_dpo(tiny_run, capsys):
     assert main(["inspect", "--checkpoint", os.path.join(root, "sft")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"rlhf-toy: error: checkpoint {os.path.join(root, 'sft')!r} holds a 'sft' "
-                   "run; give a ppo or dpo run directory"]
+                   "run; give a run directory of ppo, grpo, rloo, reinforce_pp, dpo, ipo, simpo"]
 
 
 def test_ppo_config_accepts_inspect_steps():

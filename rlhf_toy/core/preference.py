@@ -55,10 +55,12 @@ def _simpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 
 def _log_ratio_rewards(logprobs, ref_logprobs, mask, beta):
+    """beta * (logprob - ref_logprob)"""
     return beta * (logprobs - ref_logprobs)  # (B, T)
 
 
 def _length_normalized_rewards(logprobs, ref_logprobs, mask, beta):
+    """beta / |y| * logprob"""
     lengths = mask.sum(-1, keepdim=True).clamp(min=1)  # (B, T) -> (B, 1)
     return beta * logprobs / lengths  # (B, T)
 
