@@ -1,4 +1,4 @@
-"""Bridge to the real trainers: PPO and DPO on an enumerable task, against the exact optimum.
+"""Bridge to the real trainers: every method on an enumerable task, against the exact optimum.
 
 Shapes: B batch, P prompt length (1: BOS), T response length, V the GPT's vocabulary
 (specials included), N preference pairs, L = max_len.
@@ -19,21 +19,24 @@ Steps of `run_bridge`:
 2. reference ("SFT"): a tiny GPT-2 fitted by cross-entropy to the task's exact next-token
    distributions at every prefix (no sampling). The specials other than EOS are masked
    out of its logits, so its support is exactly the task's responses.
-3. exact MDP: the fitted GPT is pi_ref of both trainers *and* of the exact `TokenMDP`
+3. exact MDP: the fitted GPT is pi_ref of every trainer *and* of the exact `TokenMDP`
    (its float64 next-token probabilities at every prefix), so J* is measured against
    the very reference the trainers regularize to and the fitting error drops out.
-4. PPO: `collect_rollout` + `update` of `train/onpolicy.py` with `train/ppo.py`'s `PPO`,
-   with the exact reward as the score function in place of a reward model.
-5. DPO: pairs y1, y2 ~ pi_ref, labelled by the exact Bradley-Terry model
-   P(y1 > y2) = sigmoid(r(y1) - r(y2)), trained with `train/dpo.py`'s `batch_loss` at the
-   same beta. With infinitely many such pairs the DPO loss is minimized exactly by pi*
-   (Rafailov et al. 2023, section 4), so what is left is finite-data and optimization error.
-6. exact evaluation of each policy: J(pi), J* - J(pi), KL(pi || pi*), E[r], KL(pi || pi_ref).
+4. on-policy methods (ppo, grpo, rloo, reinforce_pp): each stage's own `OnPolicyMethod`
+   through `score_rollout` + `update` of `train/onpolicy.py`, with the exact reward as the
+   score function in place of a reward model (`bridge_methods.train_onpolicy`).
+5. preference methods (dpo, ipo, simpo): pairs y1, y2 ~ pi_ref, trained with
+   `train/dpo.py`'s `batch_loss`, each on labels drawn so that its population loss is
+   minimized exactly by pi* (`bridge_methods`: DPO on Bradley-Terry labels
+   sigmoid(r1 - r2), IPO on linear ones, SimPO on its own implicit reward of pi*); what is
+   left is finite-data and optimization error. Two more rows train a method whose own
+   optimum is not pi* and report the distance to both.
+6. exact evaluation of each policy: J(pi), J* - J(pi), KL(pi || pi*), KL to its own
+   optimum, E[r], KL(pi || pi_ref).
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import time
@@ -43,7 +46,7 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel
 
-from rlhf_toy.config import DPOConfig
+from rlhf_toy.bridge_methods import ONPOLICY, PREFERENCE, train_onpolicy, train_preference
 from rlhf_toy.core import dpo_loss
 from rlhf_toy.mdp.token import (
     TokenMDP,
@@ -56,26 +59,15 @@ from rlhf_toy.mdp.token import (
     sequence_probs,
     target_fraction,
 )
-from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
-from rlhf_toy.rollout import sample
+from rlhf_toy.models import build_policy, freeze
 from rlhf_toy.tokenizer import build_tokenizer
-from rlhf_toy.train.common import batch_indices, make_accelerator
-from rlhf_toy.train.dpo import (
-    PreferenceTensors,
-    batch_loss,
-    loss_fn,
-    precompute_reference_logps,
-    set_learning_rate,
-)
-from rlhf_toy.train.onpolicy import collect_rollout, update
-from rlhf_toy.train.ppo import PPO, PPOConfig
 
 Tokens = tuple[int, ...]
 
 
 @dataclass
 class BridgeConfig:
-    """Every knob of the bridge run; the defaults take 10-20 s on a busy two-core CPU."""
+    """Every knob of the bridge run; the defaults take about 30 s of CPU time (one thread)."""
 
     seed: int = 0  # seeds the task's reference table, every model and every draw
     n_tokens: int = 3  # words a, b, c, ... (plus EOS)
@@ -89,15 +81,19 @@ class BridgeConfig:
     n_head: int = 2
     sft_steps: int = 300  # exact cross-entropy fit of the reference
     sft_lr: float = 1e-2
-    ppo_steps: int = 30  # PPO iterations
+    ppo_steps: int = 30  # on-policy iterations (GRPO, REINFORCE++: twice as many, at lr / 3)
     ppo_batch_size: int = 64  # rollouts per iteration
     ppo_mini_batch_size: int = 32
     ppo_epochs: int = 4
     ppo_lr: float = 3e-3
     dpo_pairs: int = 2000  # preference pairs drawn from pi_ref
-    dpo_steps: int = 100  # DPO optimizer steps (linear decay to 0, as TRL)
+    dpo_steps: int = 100  # preference optimizer steps (linear decay to 0, as TRL)
     dpo_batch_size: int = 64
     dpo_lr: float = 3e-3
+    simpo_beta: float = 2.0  # SimPO's scale of the length-normalized log-prob (its default)
+    # what to train: on-policy (ppo, grpo, rloo, reinforce_pp) with ppo_* settings, then
+    # preference rows (`bridge_methods.PREFERENCE`) with dpo_* settings
+    methods: str = "ppo grpo rloo reinforce_pp dpo ipo simpo ipo_token_mean simpo_r_labels"
     num_threads: int = 1  # torch CPU threads during the run (restored after): tiny models
     # run fastest on one, and many threads on a busy machine can be 40x slower
 
@@ -214,101 +210,6 @@ def fit_reference(task: BridgeTask, cfg: BridgeConfig) -> GPT2LMHeadModel:
     return freeze(model)
 
 
-def exact_scores(task: BridgeTask, response_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The exact reward of each sampled response: (B, T), (B, T) -> (B,)."""
-    lengths = mask.sum(-1).tolist()
-    return torch.tensor([task.reward(tuple(ids[:n]))
-                         for ids, n in zip(response_ids.tolist(), lengths, strict=True)])
-
-
-def _trainable(reference: GPT2LMHeadModel) -> GPT2LMHeadModel:
-    policy = copy.deepcopy(reference)
-    for param in policy.parameters():
-        param.requires_grad_(True)
-    return policy.train()
-
-
-def train_ppo(reference, task: BridgeTask, cfg: BridgeConfig, track=None) -> GPT2LMHeadModel:
-    """Step 4: `run_ppo`'s loop with the exact reward in place of the reward model.
-
-    `track(policy)` is called after every iteration (e.g. to record the exact gap)."""
-    ppo_cfg = PPOConfig(output_dir="unused", seed=cfg.seed, device="cpu", beta=cfg.beta,
-                        batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
-                        ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_lr,
-                        max_steps=cfg.ppo_steps, max_new_tokens=task.max_len,
-                        missing_eos_penalty=0.0)  # the exact reward already scores cut responses
-    acc = make_accelerator(ppo_cfg)
-    model = PolicyWithValueHead(_trainable(reference))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ppo_cfg.learning_rate,
-                                  weight_decay=ppo_cfg.weight_decay)
-    model, optimizer = acc.prepare(model, optimizer)
-    unwrapped = acc.unwrap_model(model)
-    prompts = [task.tokenizer.bos_token] * ppo_cfg.batch_size
-
-    def score_fn(prompt_ids, prompt_mask, response_ids, mask) -> torch.Tensor:
-        return exact_scores(task, response_ids, mask)  # (B,)
-
-    for it in range(1, ppo_cfg.max_steps + 1):
-        it_seed = cfg.seed * 1_000_003 + it * 7919
-        unwrapped.eval()
-        batch = collect_rollout(PPO, unwrapped, reference, None, task.tokenizer, prompts,
-                                ppo_cfg, ppo_cfg.beta, torch.Generator().manual_seed(it_seed),
-                                score_fn=score_fn)
-        model.train()
-        update(PPO, model, optimizer, acc, batch, ppo_cfg, ppo_cfg.beta,
-               torch.Generator().manual_seed(it_seed))
-        if track is not None:
-            track(unwrapped.policy)
-    return freeze(unwrapped.policy)
-
-
-@torch.no_grad()
-def preference_pairs(reference, task: BridgeTask, cfg: BridgeConfig) -> PreferenceTensors:
-    """Step 5a: N pairs y1, y2 ~ pi_ref; y1 is chosen with probability sigmoid(r1 - r2)."""
-    n, tok = cfg.dpo_pairs, task.tokenizer
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
-    prompt_ids = torch.full((2 * n, len(task.prompt)), task.prompt[0])  # (2N, P)
-    prompt_mask = torch.ones_like(prompt_ids)
-    s = sample(reference, prompt_ids, prompt_mask, task.max_len, tok.eos_token_id,
-               tok.pad_token_id, generator=gen)
-    r = exact_scores(task, s.response_ids, s.mask)  # (2N,)
-    first_wins = torch.rand(n, generator=gen) < torch.sigmoid(r[:n] - r[n:])  # (N,)
-    first = torch.arange(n)
-    chosen_rows = torch.where(first_wins, first, first + n)
-    rejected_rows = torch.where(first_wins, first + n, first)
-
-    def rows(index: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"prompt_ids": prompt_ids[index], "prompt_mask": prompt_mask[index],
-                "response_ids": s.response_ids[index], "response_mask": s.mask[index]}
-
-    chosen, rejected = rows(chosen_rows), rows(rejected_rows)
-    ref_c, ref_r = precompute_reference_logps(reference, chosen, rejected, tok.pad_token_id)
-    return PreferenceTensors(chosen, rejected, ref_c, ref_r)
-
-
-def train_dpo(reference, task: BridgeTask, cfg: BridgeConfig, track=None) -> GPT2LMHeadModel:
-    """Step 5b: `run_dpo`'s loop (loss, schedule, batches, clipping) on the exact BT pairs."""
-    dpo_cfg = DPOConfig(output_dir="unused", seed=cfg.seed, device="cpu", beta=cfg.beta,
-                        learning_rate=cfg.dpo_lr, batch_size=cfg.dpo_batch_size,
-                        max_steps=cfg.dpo_steps)
-    data = preference_pairs(reference, task, cfg)
-    model = _trainable(reference)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=dpo_cfg.learning_rate,
-                                  weight_decay=dpo_cfg.weight_decay)
-    loss, pad = loss_fn(dpo_cfg), task.tokenizer.pad_token_id
-    for step in range(1, dpo_cfg.max_steps + 1):
-        set_learning_rate(optimizer, dpo_cfg, step)
-        index = batch_indices(len(data), dpo_cfg.batch_size, step - 1, dpo_cfg.seed)
-        value, _ = batch_loss(model, data, index, loss, pad)
-        optimizer.zero_grad()
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), dpo_cfg.max_grad_norm)
-        optimizer.step()
-        if track is not None:
-            track(model)
-    return freeze(model)
-
-
 def population_dpo_loss(mdp: TokenMDP, probs: dict, beta: float) -> float:
     """The DPO loss with infinitely many pairs: its expectation over y1, y2 ~ pi_ref with
     the exact Bradley-Terry label P(y1 > y2) = sigmoid(r(y1) - r(y2)), by enumeration.
@@ -342,7 +243,7 @@ def exact_metrics(mdp: TokenMDP, probs: dict, beta: float, pi_star: dict,
 
 
 def run_bridge(cfg: BridgeConfig | None = None) -> dict:
-    """Steps 1-6; returns the exact numbers of the reference, PPO, DPO and the optimum.
+    """Steps 1-6; returns the exact numbers of the reference, every method and the optima.
 
     Returns:
         dict with `config`, `j_star`, `n_responses`, `policies` (name -> `exact_metrics`),
@@ -363,36 +264,50 @@ def _run(cfg: BridgeConfig) -> dict:
     reference = fit_reference(task, cfg)
     mdp = exact_mdp(reference, task)
     pi_star, j_star = kl_regularized_optimum(mdp, cfg.beta), kl_regularized_value(mdp, cfg.beta)
+    ref_probs = enumerate_responses(mdp)
     wall["reference"] = time.perf_counter() - t0
 
     def gap(model) -> float:
         return j_star - objective(mdp, response_probs(model, task, mdp), cfg.beta)
 
-    curves = {"ppo": [], "dpo": []}
-    trained = {"reference": reference}
-    for name, train in (("ppo", train_ppo), ("dpo", train_dpo)):
-        t0 = time.perf_counter()
-        trained[name] = train(reference, task, cfg,
-                              track=lambda model, curve=curves[name]: curve.append(gap(model)))
+    curves, trained, own = {}, {"reference": reference}, {}
+    for name in cfg.methods.split():
+        t0, curves[name] = time.perf_counter(), []
+        track = curves[name].append
+        if name in ONPOLICY:
+            trained[name] = train_onpolicy(name, reference, task, cfg,
+                                           track=lambda model, t=track: t(gap(model)))
+        else:
+            trained[name] = train_preference(name, reference, task, cfg, pi_star,
+                                             track=lambda model, t=track: t(gap(model)))
+            if PREFERENCE[name].own_optimum is not None:
+                own[name] = PREFERENCE[name].own_optimum(mdp, ref_probs, pi_star, cfg)
         wall[name] = time.perf_counter() - t0
-    policies = {name: exact_metrics(mdp, response_probs(model, task, mdp), cfg.beta, pi_star,
-                                    j_star)
-                for name, model in trained.items()}
+    policies = {}
+    for name, model in trained.items():
+        probs = response_probs(model, task, mdp)
+        policies[name] = exact_metrics(mdp, probs, cfg.beta, pi_star, j_star)
+        policies[name]["kl_to_own_optimum"] = kl_divergence(probs, own.get(name, pi_star))
     policies["optimum"] = exact_metrics(mdp, pi_star, cfg.beta, pi_star, j_star)
+    policies["optimum"]["kl_to_own_optimum"] = 0.0
+    for name, probs in own.items():
+        policies[f"{name} optimum"] = exact_metrics(mdp, probs, cfg.beta, pi_star, j_star)
+        policies[f"{name} optimum"]["kl_to_own_optimum"] = 0.0
     return {"config": asdict(cfg), "j_star": j_star, "n_responses": len(pi_star),
             "policies": policies, "curves": curves, "wall_s": wall}
 
 
 COLUMNS = (("J", "J(pi)"), ("gap", "J* - J(pi)"), ("kl_to_optimum", "KL(pi||pi*)"),
-           ("expected_reward", "E[r]"), ("kl_to_ref", "KL(pi||pi_ref)"))
+           ("kl_to_own_optimum", "KL(pi||own opt)"), ("expected_reward", "E[r]"),
+           ("kl_to_ref", "KL(pi||pi_ref)"))
 
 
 def format_table(result: dict) -> str:
     """The policies of a `run_bridge` result as a fixed-width text table."""
-    lines = [f"{'method':<10}" + "".join(f"{title:>16}" for _, title in COLUMNS)]
+    lines = [f"{'method':<24}" + "".join(f"{title:>16}" for _, title in COLUMNS)]
     for name, row in result["policies"].items():
         # round(., 4) + 0.0 prints a rounding-level -1e-17 as 0.0000, not -0.0000
-        lines.append(f"{name:<10}" + "".join(f"{round(row[key], 4) + 0.0:>16.4f}"
+        lines.append(f"{name:<24}" + "".join(f"{round(row[key], 4) + 0.0:>16.4f}"
                                              for key, _ in COLUMNS))
     lines.append(f"J* = {result['j_star']:.4f}  (beta = {result['config']['beta']}, "
                  f"{result['n_responses']} responses; J* - J(pi) = beta KL(pi||pi*))")

@@ -1,11 +1,13 @@
-"""PPO and DPO (the real trainers) on an enumerable task, against the exact KL-regularized optimum.
+"""Every method (the real trainers) on an enumerable task, against the exact KL-regularized optimum.
 
-    python scripts/bridge.py                      # defaults: about 10 s on two CPU cores
+    python scripts/bridge.py                      # defaults: every method, about 30 s of CPU
+    python scripts/bridge.py --methods "ppo dpo"  # a subset
     python scripts/bridge.py --ppo_steps 120 --dpo_steps 400 --dpo_pairs 8000   # longer run
 
 Every field of `rlhf_toy.bridge.BridgeConfig` is an option (`--help`). Prints the table of
 exact numbers and writes them, with the per-step gap curves, to `--out` (JSON).
-See `rlhf_toy/bridge.py` for what is trained and how the numbers are computed.
+See `rlhf_toy/bridge.py` for how the numbers are computed and `rlhf_toy/bridge_methods.py`
+for what each method is trained on and measured against.
 """
 
 import argparse
