@@ -81,13 +81,13 @@ class BridgeConfig:
     n_head: int = 2
     sft_steps: int = 300  # exact cross-entropy fit of the reference
     sft_lr: float = 1e-2
-    ppo_steps: int = 30  # on-policy iterations (GRPO, REINFORCE++: twice as many, at lr / 3)
+    ppo_steps: int = 30  # on-policy iterations (PPO, GRPO, REINFORCE++: twice as many, at lr / 3)
     ppo_batch_size: int = 64  # rollouts per iteration
     ppo_mini_batch_size: int = 32
     ppo_epochs: int = 4
     ppo_lr: float = 3e-3
-    dpo_pairs: int = 2000  # preference pairs drawn from pi_ref
-    dpo_steps: int = 100  # preference optimizer steps (linear decay to 0, as TRL)
+    dpo_pairs: int = 8000  # preference pairs drawn from pi_ref
+    dpo_steps: int = 200  # preference optimizer steps (linear decay to 0, as TRL)
     dpo_batch_size: int = 64
     dpo_lr: float = 3e-3
     simpo_beta: float = 2.0  # SimPO's scale of the length-normalized log-prob (its default)

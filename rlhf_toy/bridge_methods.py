@@ -58,14 +58,15 @@ from rlhf_toy.train.onpolicy import score_rollout, update
 Tokens = tuple[int, ...]
 
 def _unit_scale(cfg) -> dict:
-    """GRPO and REINFORCE++ normalize their advantages to unit scale: smaller steps, and
-    more of them, to settle as close to pi* as the others."""
+    """PPO, GRPO and REINFORCE++ normalize their advantages to unit scale (whitening, group
+    std): smaller steps, and more of them, so that they settle close to pi* rather than
+    jitter around it."""
     return {"learning_rate": cfg.ppo_lr / 3, "max_steps": 2 * cfg.ppo_steps}
 
 
 # each on-policy method's settings beyond (or instead of) the shared ppo_* ones, from the
 # BridgeConfig; all prompts are the one BOS
-ONPOLICY = {"ppo": lambda cfg: {},
+ONPOLICY = {"ppo": _unit_scale,
             "grpo": lambda cfg: {"num_generations": 8, "kl_in": "reward", **_unit_scale(cfg)},
             "rloo": lambda cfg: {"num_generations": 8},
             "reinforce_pp": _unit_scale}
