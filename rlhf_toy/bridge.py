@@ -90,7 +90,7 @@ class BridgeConfig:
     dpo_steps: int = 200  # preference optimizer steps (linear decay to 0, as TRL)
     dpo_batch_size: int = 64
     dpo_lr: float = 3e-3
-    simpo_beta: float = 2.0  # SimPO's scale of the length-normalized log-prob (its default)
+    simpo_beta: float = 2.0  # SimPO's scale of the length-normalized log-prob
     # what to train: on-policy (ppo, grpo, rloo, reinforce_pp) with ppo_* settings, then
     # preference rows (`bridge_methods.PREFERENCE`) with dpo_* settings
     methods: str = "ppo grpo rloo reinforce_pp dpo ipo simpo ipo_token_mean simpo_r_labels"

@@ -23,6 +23,7 @@ from conftest import run_stage
 from test_inspect import ATOL, naive_kl
 
 from rlhf_toy.cli import main
+from rlhf_toy.config import LOSS_TYPE_DEFAULTS
 from rlhf_toy.errors import UsageError
 from rlhf_toy.inspect import COLUMNS, inspect_methods, inspect_samples
 
@@ -122,7 +123,7 @@ def test_each_method_alone_obeys_its_identities(dirs, method):
         assert all(s[c] is None or len(s[c]) == len(s["token"]) for c in COLUMNS)
     IDENTITIES[method](r)
     if method == "simpo":
-        assert r["beta"] == 2.0 and "beta / |y| * logprob" in r["credit"]
+        assert r["beta"] == LOSS_TYPE_DEFAULTS["simpo"]["beta"] and "beta / |y| * logprob" in r["credit"]
     if method in ON_POLICY:
         assert r["beta"] == BETA
     # the policy moved away from the reference (training did something to inspect)
