@@ -84,7 +84,8 @@ def run_pipeline(pipe: PipelineConfig) -> dict:
         results[stage] = runner(cfg)
         _print_line(stage, results[stage], keys)
     compare = results["compare"]
-    print(f"report: {compare['report']}\nplots: {', '.join(compare['plots'].values())}",
+    print(f"report: {compare['report']} (one page: {compare['report_html']})\n"
+          f"plots: {', '.join(compare['plots'].values())}",
           flush=True)
     return results
 

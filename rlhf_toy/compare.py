@@ -38,6 +38,7 @@ from rlhf_toy.errors import UsageError
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy, win_rate
 from rlhf_toy.methods import METHODS, STAGES
 from rlhf_toy.models import freeze, load_policy, load_reward_model
+from rlhf_toy.report_html import render_compare_html
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import finish_stage, read_run_config, start_stage
@@ -316,6 +317,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     summary["plots"] = {"frontier": os.path.join(cfg.output_dir, "frontier.png"),
                         "training_curves": os.path.join(cfg.output_dir, "training_curves.png")}
     summary["report"] = os.path.join(cfg.output_dir, "report.md")
+    summary["report_html"] = os.path.join(cfg.output_dir, "report.html")
     summary["wall_s"] = time.perf_counter() - t0
     if acc.is_main_process:
         plot_frontier(fronts, summary["sft"], summary["plots"]["frontier"], summary)
@@ -323,5 +325,7 @@ def run_compare(cfg: CompareConfig) -> dict:
                              summary["plots"]["training_curves"])
         with open(summary["report"], "w") as fh:
             fh.write(report_markdown(summary))
+        with open(summary["report_html"], "w") as fh:  # the same, one page: plots inline
+            fh.write(render_compare_html(_json_ready(summary)))
     finish_stage(cfg, acc, None, None, _json_ready(summary))
     return summary

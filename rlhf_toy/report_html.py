@@ -96,7 +96,9 @@ def _image(path: str, alt: str) -> str:
 
 def render_compare_html(summary: dict) -> str:
     """The page for a compare summary dict; see the module docstring for what it reads."""
-    title = f"PPO versus DPO ({summary.get('task', '?')}, seed {summary.get('seed', '?')})"
+    seeds = summary.get("seeds", [summary.get("seed", "?")])
+    title = (f"Every method against SFT ({summary.get('task', '?')}, "
+             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})")
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="note">Every policy sampled on the same {summary.get("n_eval_prompts", "?")}'
              " held-out prompts. Click a column header to sort.</p>",

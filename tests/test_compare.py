@@ -1,5 +1,6 @@
 """`compare`: its KL estimate, its equal-KL verdicts, its report, and a tiny two-seed run."""
 
+import html
 import json
 import math
 import os
@@ -182,4 +183,7 @@ def test_two_seeds_reuse_seed_0_train_seed_1_and_report_error_bars(tiny_run, mai
     assert "![gold reward vs KL](frontier.png)" in report and "mean over 2 seeds" in report
     assert "| ppo | 0.2 | " in report and not re.search(r"-0\.000(?!\d)", report)
     assert summary["verdict"]["pairs"][0]["sentence"] in report
+    page = (out / "report.html").read_text()  # the same report as one page, plots inline
+    assert page.count("data:image/png;base64,") == 2 and "seeds 0, 1" in page
+    assert html.escape(summary["verdict"]["pairs"][0]["sentence"]) in page
     assert "compare: seed 1: sft" in trained and "compare: seed 0: sft" not in trained
