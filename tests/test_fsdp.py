@@ -129,3 +129,7 @@ if __name__ == "__main__":
     if accelerator.is_main_process:
         torch.save(weights, os.path.join(sys.argv[1], "weights.pt"))
     accelerator.wait_for_everyone()
+    # tear the process group down before exit: gloo's threads otherwise may still run at
+    # interpreter shutdown, which can abort a process ("terminate called without an active
+    # exception")
+    torch.distributed.destroy_process_group()
