@@ -179,6 +179,8 @@ class RewardConfig(CommonConfig, TrainConfig):
     max_steps: int = _f(400, "optimizer steps")
     head_init_std: float = _f(0.02, "std of the scalar head's initial weights (small)")
     eval_batch_size: int = _f(256, "pairs per evaluation batch")
+    audit_steps: int = _f(200, "steps of the audit reward model trained on the test pairs "
+                               "(the on-policy over-optimization indicator); 0 = none")
     truncate_prompts: bool = _f(False, "prompts too long for the context: false = error, "
                                        "true = keep their last tokens and warn how many")
 
@@ -186,6 +188,7 @@ class RewardConfig(CommonConfig, TrainConfig):
         CommonConfig.__post_init__(self)
         self._check_train()
         _positive(self, "head_init_std", "eval_batch_size")
+        check(self.audit_steps >= 0, "audit_steps", ">= 0", self.audit_steps)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -303,14 +306,19 @@ class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
     clip_range: float = _f(0.2, "ratio clipping epsilon")
     ent_coef: float = _f(0.0, "entropy bonus coefficient")
     missing_eos_penalty: float = _f(1.0, "subtracted from the score of responses cut by the length limit")
+    center_scores: bool = _f(False, "subtract the batch's mean score (a baseline; see README, "
+                                    "Defaults that hold on every task)")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up over the first N iterations; 0 = off")
     eval_steps: int = _f(0, "held-out gold/proxy evaluation every N iterations; 0 = start and end")
+    overopt_drop: float = _f(0.5, "over-optimization indicator: fires when the audit reward "
+                                  "model has lost this fraction of its gain while the proxy rose")
     inspect_steps: int = _f(0, "write inspect/step_N.json of a few samples every N iterations; 0 = off")
 
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)
         self._check_sampling()
         self._check_train()
-        _positive(self, "num_generations", "mini_batch_size", "ppo_epochs", "clip_range",
+        _positive(self, "overopt_drop", "num_generations", "mini_batch_size", "ppo_epochs", "clip_range",
                   "target_kl", "kl_horizon")
         check(self.mini_batch_size <= self.batch_size, "mini_batch_size",
               f"<= batch_size ({self.batch_size})", self.mini_batch_size)
@@ -327,6 +335,7 @@ class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
         check(self.ent_coef >= 0, "ent_coef", ">= 0", self.ent_coef)
         check(self.missing_eos_penalty >= 0, "missing_eos_penalty", ">= 0",
               self.missing_eos_penalty)
+        check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
         check(self.eval_steps >= 0, "eval_steps", ">= 0", self.eval_steps)
         check(self.inspect_steps >= 0, "inspect_steps", ">= 0", self.inspect_steps)
 

@@ -58,7 +58,7 @@ def sequence_logprob(model, s: Samples, temperature: float) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_policy(policy, tokenizer, task, prompts: list[str], args: SamplingArgs, seed: int,
-                    reward_model=None, ref_model=None) -> dict:
+                    reward_model=None, ref_model=None, audit_model=None) -> dict:
     """Sample once per prompt and measure.
 
     Returns:
@@ -66,7 +66,8 @@ def evaluate_policy(policy, tokenizer, task, prompts: list[str], args: SamplingA
         `eos_frac`; with `reward_model`, `proxy_reward` (mean score); with `ref_model`,
         `kl_to_ref`: the sequence-level KL(pi || ref) estimated from the samples as the mean of
         sum_t (log pi - log ref) (the k1 estimator summed over the response); plus the
-        per-sample lists `responses`, `gold`.
+        per-sample lists `responses`, `gold`; with `audit_model` (a second reward model),
+        `audit_reward` (its mean score).
     """
     was_training = policy.training
     policy.eval()
@@ -78,10 +79,11 @@ def evaluate_policy(policy, tokenizer, task, prompts: list[str], args: SamplingA
         "eos_frac": float(torch.cat([b.ended_with_eos for b in batches]).float().mean()),
         "responses": texts, "gold": gold,
     }
-    if reward_model is not None:
-        scores = torch.cat([reward_scores(reward_model, b.prompt_ids, b.prompt_mask,
-                                          b.response_ids, b.mask) for b in batches])
-        result["proxy_reward"] = float(scores.float().mean())
+    for key, model in (("proxy_reward", reward_model), ("audit_reward", audit_model)):
+        if model is not None:
+            scores = torch.cat([reward_scores(model, b.prompt_ids, b.prompt_mask,
+                                              b.response_ids, b.mask) for b in batches])
+            result[key] = float(scores.float().mean())
     if ref_model is not None:
         kl = torch.cat([b.logprobs.sum(-1) - sequence_logprob(ref_model, b, args.temperature)
                         for b in batches])

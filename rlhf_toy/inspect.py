@@ -20,8 +20,8 @@ groups are G consecutive completions of one prompt, so `n` must be a multiple of
 REINFORCE++ the per-token KL reward and its returns-to-go whitened over the B responses.
 
 `score` is the score that enters the rewards: the reward model's, minus the run's
-`missing_eos_penalty` for a response cut by the length limit (whitened over the n samples
-if the run whitened scores). A run with an adaptive KL controller is shown with the beta
+`missing_eos_penalty` for a response cut by the length limit, centered over the n samples
+if the run centered scores (or whitened, if it whitened them). A run with an adaptive KL controller is shown with the beta
 it ended with (the last `beta` in its metrics.jsonl).
 
 For a preference checkpoint (`dpo`, `ipo`, `simpo`) there is no critic: `kl` is k1,

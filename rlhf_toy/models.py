@@ -23,6 +23,7 @@ from rlhf_toy.integrity import check_safetensors, error_reason, read_json_file, 
 from rlhf_toy.lean_gpt2 import attention_mask_4d, lean_gpt2_hidden, lean_gpt2_supported
 
 VALUE_HEAD_FILE = "value_head.pt"
+AUDIT_DIR = "audit"  # the reward stage's audit reward model, inside its output_dir
 
 
 def build_policy(tokenizer, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,

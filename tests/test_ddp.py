@@ -55,9 +55,10 @@ def ppo_batch(tok, n: int) -> Rollout:
         logits, values = model(prompt_ids, prompt_mask, response_ids, mask)
     logprobs = logprobs_from_logits(logits, response_ids)
     randn = [torch.randn(n, 6, generator=g) for _ in range(3)]
+    scores = torch.randn(n, generator=g)
     return Rollout(prompt_ids, prompt_mask, response_ids, mask, logprobs + 0.1 * randn[0],
-                   logprobs, scores=torch.randn(n, generator=g), rewards=randn[1],
-                   advantages=randn[2], values=values, returns=randn[1] + values)
+                   logprobs, scores=scores, rewards=randn[1], advantages=randn[2],
+                   values=values, returns=randn[1] + values, raw_scores=scores)
 
 
 def dpo_data(tok):

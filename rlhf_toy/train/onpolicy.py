@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from rlhf_toy.core import (
 )
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
 from rlhf_toy.models import (
+    AUDIT_DIR,
     CriticFreePolicy,
     freeze,
     load_policy,
@@ -42,6 +44,7 @@ from rlhf_toy.models import (
     response_logits,
     reward_scores,
 )
+from rlhf_toy.overoptimization import OveroptimizationMonitor
 from rlhf_toy.rollout import Samples, decode_responses, encode_prompts, sample
 from rlhf_toy.sharding import plain, sampling_policy
 from rlhf_toy.tasks import get_task
@@ -69,12 +72,15 @@ class Rollout:
         response_ids, mask: (B, T) right-padded responses; mask 1 on real tokens (EOS too).
         logprobs: (B, T) log pi_old(a_t | s_t) at the sampling temperature.
         ref_logprobs: (B, T) the same under the frozen reference.
-        scores: (B,) reward-model scores (minus the missing-EOS penalty).
+        scores: (B,) the scores that enter the rewards: reward-model scores minus the
+            missing-EOS penalty, centered over B if center_scores (PPO whitens raw_scores
+            instead if whiten_scores).
         rewards: (B, T) the per-token rewards the algorithm optimises (the score on the
             last token, with the KL penalty where it is in the reward); 0 on padding.
         advantages: (B, T) the algorithm's advantages, on every real token.
         values: (B, T) V_old(s_t) from a critic, or None (critic-free algorithms).
         returns: (B, T) the critic's targets (or returns-to-go), or None.
+        raw_scores: (B,) the scores before centering (logged as `score`).
     """
 
     prompt_ids: torch.Tensor
@@ -88,6 +94,7 @@ class Rollout:
     advantages: torch.Tensor | None = None
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    raw_scores: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> Rollout:
         """The rollouts at `index` (B') as a new `Rollout`; None fields stay None."""
@@ -148,7 +155,9 @@ def score_rollout(method: OnPolicyMethod, model, ref_model, reward_model, s: Sam
     # 2. score: the reward model reads the last real token; a cut response pays a penalty
     scores = (reward_scores(reward_model, *inputs) if score_fn is None
               else score_fn(*inputs)).float()
-    scores = scores - cfg.missing_eos_penalty * (~s.ended_with_eos).float()
+    raw_scores = scores - cfg.missing_eos_penalty * (~s.ended_with_eos).float()
+    # an untrained critic turns a score shared by every response into a length bias
+    scores = raw_scores - raw_scores.mean() if cfg.center_scores else raw_scores
     # 3. old log-probs (and values) in one pass, reference log-probs
     mask = s.mask.float()
     logits, values = model(*inputs, temperature=cfg.temperature)
@@ -156,7 +165,8 @@ def score_rollout(method: OnPolicyMethod, model, ref_model, reward_model, s: Sam
     ref_logits = response_logits(ref_model, *inputs, temperature=cfg.temperature)
     ref_logprobs = logprobs_from_logits(ref_logits, s.response_ids) * mask
     batch = Rollout(s.prompt_ids, s.prompt_mask, s.response_ids, mask, logprobs, ref_logprobs,
-                    scores, values=None if values is None else values.float() * mask)
+                    scores, values=None if values is None else values.float() * mask,
+                    raw_scores=raw_scores)
     # 4. advantages, the algorithm's own
     return method.advantages(batch, cfg, beta)
 
@@ -245,7 +255,7 @@ def rollout_stats(batch: Rollout, gold: list[float], eos_token_id: int) -> dict[
     """Per-iteration diagnostics of a rollout (gold is logged only, never trained on);
     `explained_var` of the critic where there is one."""
     kl_seq = ((batch.logprobs - batch.ref_logprobs) * batch.mask).sum(-1)  # (B, T) -> (B,)
-    row = {"score": batch.scores.mean().item(), "gold": sum(gold) / len(gold),
+    row = {"score": batch.raw_scores.mean().item(), "gold": sum(gold) / len(gold),
            "kl": kl_seq.mean().item()}
     if batch.values is not None:
         residual_var = masked_var(batch.returns - batch.values, batch.mask)
@@ -290,6 +300,24 @@ def build_models(method: OnPolicyMethod, cfg: OnPolicyConfig, acc):
             reward_model.to(acc.device), tokenizer)
 
 
+def load_audit_model(cfg: OnPolicyConfig):
+    """The reward stage's frozen audit reward model, or None if it trained none."""
+    path = os.path.join(cfg.reward_dir, AUDIT_DIR)
+    return freeze(load_reward_model(path)) if os.path.isdir(path) else None
+
+
+def eval_row(ev: dict, monitor: OveroptimizationMonitor, it: int) -> dict[str, float]:
+    """The metrics.jsonl fields of one held-out evaluation; feeds the over-optimization
+    monitor and warns once when it fires."""
+    row = {"eval_gold": ev["gold_reward"], "eval_proxy": ev["proxy_reward"],
+           "eval_kl": ev["kl_to_ref"]}
+    if "audit_reward" in ev:
+        row["eval_audit"] = ev["audit_reward"]
+    if monitor.update(it, ev["proxy_reward"], ev["kl_to_ref"], ev.get("audit_reward")):
+        logger.warning(monitor.message())
+    return row
+
+
 def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
     """Train with `method` for `cfg.max_steps` iterations; write the model, `metrics.jsonl`
     and `summary.json` (gold/proxy before and after, KL to the reference, wall time)."""
@@ -300,23 +328,30 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
                                                                                   acc)
     kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.beta))
+    audit_model = load_audit_model(cfg)
+    audit_model = audit_model.to(acc.device) if audit_model is not None else None
+    monitor = OveroptimizationMonitor(cfg.overopt_drop)
     args = SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
     held_out = eval_prompts(task, cfg.n_eval_prompts)
 
     def evaluate() -> dict:
         with sampling_policy(unwrapped.policy) as policy:
             return evaluate_policy(policy, tokenizer, task, held_out, args, cfg.seed,
-                                   reward_model, ref_model)
+                                   reward_model, ref_model, audit_model)
 
     ckpt, resumed, log = open_run(cfg, method.stage, acc, unwrapped, optimizer)
     if resumed:
         kl_ctl.load_state_dict(resumed["kl_ctl"])
+        if "monitor" in resumed:  # absent in checkpoints written before the indicator
+            monitor.load_state_dict(resumed["monitor"])
         before, start, warned = resumed["before"], resumed["step"], set(resumed["warned"])
     else:
         before, start, warned = evaluate(), 0, set()
+        eval_row(before, monitor, 0)
 
     def state() -> dict:  # what a checkpoint holds besides weights, optimizer and RNG
-        return {"kl_ctl": kl_ctl.state_dict(), "before": before, "warned": sorted(warned)}
+        return {"kl_ctl": kl_ctl.state_dict(), "before": before, "warned": sorted(warned),
+                "monitor": monitor.state_dict()}
 
     bar = progress(cfg.max_steps, method.stage, acc.is_main_process, initial=start)
     for it in range(start + 1, cfg.max_steps + 1):
@@ -338,6 +373,8 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
             write_training_snapshot(cfg.output_dir, it, batch, tokenizer, prompts, gold, cfg,
                                     kl_ctl.value, stage=method.stage)
         model.train()
+        for group in optimizer.param_groups:  # linear warm-up, a function of it: resumable
+            group["lr"] = cfg.learning_rate * min(1.0, it / (cfg.warmup_steps + 1))
         try:
             stats = update(method, model, optimizer, acc, batch, cfg, kl_ctl.value,
                            torch.Generator().manual_seed(it_seed))
@@ -347,9 +384,7 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
         kl_ctl.update(row["kl"], cfg.batch_size)
         warn_unhealthy(row, it, warned)
         if cfg.eval_steps and it % cfg.eval_steps == 0 and it < cfg.max_steps:
-            ev = evaluate()
-            row.update(eval_gold=ev["gold_reward"], eval_proxy=ev["proxy_reward"],
-                       eval_kl=ev["kl_to_ref"])
+            row.update(eval_row(evaluate(), monitor, it))
         if it % cfg.logging_steps == 0 or it == cfg.max_steps or "eval_gold" in row:
             log.write(it, **row)
         ckpt.maybe_save(it, state)
@@ -357,20 +392,21 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
                         kl=f"{row['kl']:.2f}")
         bar.update(1)
     bar.close()
-    return finish(cfg, acc, unwrapped, tokenizer, log, before, evaluate(), t0)
+    return finish(cfg, acc, unwrapped, tokenizer, log, before, evaluate(), monitor, t0)
 
 
 def finish(cfg: OnPolicyConfig, acc, unwrapped, tokenizer, log, before: dict, after: dict,
-           t0: float) -> dict:
-    """The summary (the keys every on-policy and preference stage writes); the main process
-    saves the model, the tokenizer and `summary.json`."""
+           monitor: OveroptimizationMonitor, t0: float) -> dict:
+    """The summary (the keys every on-policy and preference stage writes, and the
+    over-optimization indicator's `overoptimization`); the main process saves the model,
+    the tokenizer and `summary.json`."""
+    final = eval_row(after, monitor, cfg.max_steps)
     summary = {"gold_reward_before": before["gold_reward"], "gold_reward_after": after["gold_reward"],
                "proxy_reward_before": before["proxy_reward"],
                "proxy_reward_after": after["proxy_reward"], "kl_to_ref": after["kl_to_ref"],
                "response_len": after["response_len"], "eos_frac": after["eos_frac"],
-               "wall_s": time.perf_counter() - t0}
+               "overoptimization": monitor.summary(), "wall_s": time.perf_counter() - t0}
     if acc.is_main_process:
-        log.write(cfg.max_steps, eval_gold=after["gold_reward"], eval_proxy=after["proxy_reward"],
-                  eval_kl=after["kl_to_ref"])
+        log.write(cfg.max_steps, **final)
     finish_stage(cfg, acc, unwrapped, tokenizer, summary)
     return summary

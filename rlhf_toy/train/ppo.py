@@ -66,7 +66,8 @@ def build_actor_critic(cfg: PPOConfig) -> torch.nn.Module:
 
 def ppo_advantages(batch: Rollout, cfg: PPOConfig, beta: float) -> Rollout:
     """KL-penalized per-token rewards, then GAE with the critic's values (and returns)."""
-    scores = whiten(batch.scores, torch.ones_like(batch.scores)) if cfg.whiten_scores \
+    # whitening takes precedence over centering (it removes the mean too)
+    scores = whiten(batch.raw_scores, torch.ones_like(batch.raw_scores)) if cfg.whiten_scores \
         else batch.scores
     # 3. the KL penalty on every token, the score on the last one
     rewards = shape_rewards(scores, batch.logprobs, batch.ref_logprobs, batch.mask, beta,

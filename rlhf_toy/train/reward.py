@@ -3,10 +3,17 @@
 The model is GPT-2 (backbone initialised from the SFT policy) with a scalar head read
 at the last real token of prompt + response + EOS. Loss (Bradley & Terry 1952;
 Ouyang et al. 2022 eq. 1): mean(-log sigmoid(r(chosen) - r(rejected))).
+
+With `audit_steps > 0` the stage also trains an audit reward model, the same recipe on the
+held-out (test) pairs that the main model never sees, into OUTPUT_DIR/audit/. The on-policy
+stages score their evaluations with both: when the main model's score keeps rising while the
+audit model's falls, the policy exploits errors of the main model (over-optimization, no
+gold needed).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -14,7 +21,7 @@ import torch
 from rlhf_toy.config import RewardConfig
 from rlhf_toy.core import bradley_terry_loss
 from rlhf_toy.data import gold_accuracy, load_preferences, select_batch, tokenize_preferences
-from rlhf_toy.models import reward_model_from_policy, reward_scores
+from rlhf_toy.models import AUDIT_DIR, reward_model_from_policy, reward_scores
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
     batch_indices,
@@ -25,6 +32,7 @@ from rlhf_toy.train.common import (
     progress,
     start_stage,
 )
+from rlhf_toy.train.rundir import commit_run
 
 
 def pair_scores(model, chosen: dict, rejected: dict, index: torch.Tensor):
@@ -48,6 +56,34 @@ def evaluate_pairs(model, chosen: dict, rejected: dict, batch_size: int) -> dict
     sc, sr = torch.cat(sc).float(), torch.cat(sr).float()
     acc = ((sc > sr).float() + 0.5 * (sc == sr).float()).mean()
     return {"eval_accuracy": float(acc), "eval_loss": float(bradley_terry_loss(sc, sr))}
+
+
+def fit_pairs(model, optimizer, acc, chosen: dict, rejected: dict, steps: int, cfg: RewardConfig,
+              seed: int) -> None:
+    """`steps` plain Bradley-Terry steps on the pairs (no checkpoints, no logging)."""
+    n = chosen["prompt_ids"].shape[0]
+    model.train()
+    for step in range(steps):
+        sc, sr = pair_scores(model, chosen, rejected, batch_indices(n, cfg.batch_size, step, seed))
+        acc.backward(bradley_terry_loss(sc, sr))
+        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def train_audit(cfg: RewardConfig, acc, train: tuple[dict, dict], test: tuple[dict, dict]) -> dict:
+    """The audit reward model: trained on the test pairs, scored on the train pairs (the
+    main model's training data, which the audit model never sees). Saved to OUTPUT_DIR/audit/."""
+    model = reward_model_from_policy(cfg.sft_dir, cfg.head_init_std).to(acc.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    fit_pairs(model, optimizer, acc, *test, cfg.audit_steps, cfg, cfg.seed + 1)
+    result = evaluate_pairs(model, *train, cfg.eval_batch_size)
+    if acc.is_main_process:
+        commit_run(cfg.output_dir)  # the run's first write when it logged nothing before
+        model.save_pretrained(os.path.join(cfg.output_dir, AUDIT_DIR))
+    return {"audit_accuracy": result["eval_accuracy"], "audit_loss": result["eval_loss"]}
 
 
 def run_reward(cfg: RewardConfig) -> dict:
@@ -98,6 +134,8 @@ def run_reward(cfg: RewardConfig) -> dict:
     summary = evaluate_pairs(model, test_c, test_r, cfg.eval_batch_size)
     summary["gold_accuracy"] = gold_accuracy(prefs["test"])
     summary["train_pairs"], summary["test_pairs"] = n_train, len(prefs["test"])
+    if cfg.audit_steps:
+        summary.update(train_audit(cfg, acc, (train_c, train_r), (test_c, test_r)))
     summary["wall_s"] = time.perf_counter() - t0
     if acc.is_main_process:
         log.write(cfg.max_steps, eval_accuracy=summary["eval_accuracy"],
