@@ -247,8 +247,12 @@ def _dpo(tiny_run, out, *extra):
 
 
 def test_two_step_run_writes_its_artifacts_and_is_reproducible(tiny_run, tmp_path):
-    a = _dpo(tiny_run, str(tmp_path / "a"), "--max_steps", "2", "--eval_steps", "1")
-    b = _dpo(tiny_run, str(tmp_path / "b"), "--max_steps", "2", "--eval_steps", "1")
+    # learning rate 1e-3: two steps move the policy far enough that the sampled KL estimate
+    # (16 prompts) is clearly positive
+    a = _dpo(tiny_run, str(tmp_path / "a"), "--max_steps", "2", "--eval_steps", "1",
+             "--learning_rate", "1e-3")
+    b = _dpo(tiny_run, str(tmp_path / "b"), "--max_steps", "2", "--eval_steps", "1",
+             "--learning_rate", "1e-3")
     for key in ("gold_reward_before", "gold_reward_after", "eval_accuracy"):
         assert 0.0 <= a[key] <= 1.0, key
     # before training the policy is the reference: every implicit reward is 0, so every

@@ -35,7 +35,7 @@ def ppo_dir(tiny_run, tmp_path_factory):
     run_stage("ppo", root, "--output_dir", out, "--max_steps", "2", "--batch_size", "8",
               "--mini_batch_size", "8", "--ppo_epochs", "2", "--n_eval_prompts", "8",
               "--beta", str(BETA), "--gamma", str(GAMMA), "--lam", str(LAM),
-              "--kl_estimator", ESTIMATOR, "--inspect_steps", "1")
+              "--kl_estimator", ESTIMATOR, "--inspect_steps", "1", "--adaptive_kl", "false")
     return out
 
 

@@ -39,6 +39,16 @@ class PPOConfig(OnPolicyConfig):
 
     output_dir: str = _f("runs/default/ppo", "directory this stage writes its artifacts into")
 
+    # PPO's defaults (README, "Defaults that hold on every task": chosen by
+    # scripts/sweep_defaults.py over both tasks and seeds 0-4)
+    learning_rate: float = _f(3e-4, "AdamW learning rate")
+    beta: float = _f(0.3, "KL coefficient (initial value if adaptive_kl)")
+    adaptive_kl: bool = _f(True, "adapt beta towards target_kl (Ziegler et al. 2019)")
+    target_kl: float = _f(3.0, "target sequence KL (nats per response) of the adaptive controller")
+    kl_horizon: int = _f(160, "horizon (in rollouts) of the adaptive controller")
+    center_scores: bool = _f(True, "subtract the batch's mean score (a baseline; see README)")
+    eval_steps: int = _f(10, "held-out gold/proxy evaluation every N iterations; 0 = start and end")
+
     gamma: float = _f(1.0, "discount over response tokens")
     lam: float = _f(0.95, "GAE lambda")
     clip_range_value: float = _f(0.2, "value clipping around the old values")
