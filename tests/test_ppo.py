@@ -48,6 +48,7 @@ def test_rollout_rewards_and_advantages_follow_the_definitions(rollout):
     last token A_t = delta_t + gamma lam A_{t+1}, delta_t = r_t + gamma V_{t+1} - V_t."""
     _, b, cfg = rollout
     m = b.mask
+    assert torch.allclose(b.scores, b.raw_scores - b.raw_scores.mean())  # center_scores
     assert (b.rewards[m == 0] == 0).all() and (b.values[m == 0] == 0).all()
     for i, n in enumerate(m.sum(-1).long().tolist()):
         logp, ref, v = (x[i, :n].tolist() for x in (b.logprobs, b.ref_logprobs, b.values))
@@ -81,6 +82,13 @@ def test_ppo_end_to_end_raises_the_reward_model_score(tiny_run):
             "approx_kl", "explained_var", "response_len", "eos_frac"}
     assert keys <= set(rows[0])
     assert os.path.isfile(os.path.join(out, "ppo", "value_head.pt"))
+    # evaluations every eval_steps (10) and at the end, each scored by the audit reward
+    # model too, and each fed to the over-optimization indicator from step 0 on
+    assert [r["step"] for r in rows if "eval_audit" in r] == [10, 12]
+    overopt = summary["overoptimization"]
+    assert [e["step"] for e in overopt["evals"]] == [0, 10, 12]
+    assert overopt["evals"][-1]["audit"] == pytest.approx(
+        [r for r in rows if "eval_audit" in r][-1]["eval_audit"])
 
 
 def test_beta_controls_the_distance_to_the_reference(tiny_run, tmp_path):
