@@ -2,8 +2,8 @@
 
     python scripts/overoptimization.py --run_dir runs/demo [--betas 0 0.05 5] [--max_steps 100]
 
-For each beta it trains PPO from RUN_DIR/sft against RUN_DIR/reward (everything else at the
-PPO defaults), evaluates the held-out gold reward, proxy (reward-model) score and KL to the
+For each beta it trains PPO from RUN_DIR/sft against RUN_DIR/reward (beta fixed, everything
+else at the PPO defaults), evaluates the held-out gold reward, proxy (reward-model) score and KL to the
 reference every `--eval_steps` iterations, and writes into RUN_DIR/overoptimization/:
 `summary.json` (the curves), `report.md` (a table) and `curves.png` (gold and proxy against
 iteration, and gold against KL). With beta=0 nothing holds the policy near the reference:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> dict:
         argv = ["--sft_dir", os.path.join(args.run_dir, "sft"),
                 "--reward_dir", os.path.join(args.run_dir, "reward"),
                 "--output_dir", os.path.join(out, f"beta_{beta:g}"), "--seed", str(args.seed),
-                "--beta", str(beta), "--max_steps", str(args.max_steps),
+                "--beta", str(beta), "--adaptive_kl", "false", "--max_steps", str(args.max_steps),
                 "--eval_steps", str(args.eval_steps), "--device", "cpu"]
         summary = run_ppo(parse_config(PPOConfig, argv, prog="overoptimization"))
         points = [{"step": 0, "gold": summary["gold_reward_before"],

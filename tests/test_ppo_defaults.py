@@ -1,0 +1,210 @@
+"""PPO's defaults: score centering against the untrained critic's length bias, the
+over-optimization indicator, and (slow, on the full-size default pipeline of seed 0)
+continuation from a converged policy, the indicator on beta 0 and robustness to a 1e-4
+perturbation of the reward model."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from rlhf_toy.config import RewardConfig, parse_config
+from rlhf_toy.models import AUDIT_DIR, PolicyWithValueHead, build_policy, freeze, load_reward_model
+from rlhf_toy.overoptimization import OveroptimizationMonitor
+from rlhf_toy.tasks import get_task
+from rlhf_toy.tokenizer import build_tokenizer
+from rlhf_toy.train.onpolicy import collect_rollout
+from rlhf_toy.train.ppo import PPO, PPOConfig
+
+
+def constant_score_rollout(center: bool, whiten_advantages: bool, c: float = 2.5):
+    """A rollout of a fresh policy whose every response scores `c`, with beta 0."""
+    torch.manual_seed(0)
+    tok = build_tokenizer(get_task("sentiment").words)
+    model = PolicyWithValueHead(build_policy(tok)).eval()
+    cfg = PPOConfig(output_dir="unused", beta=0.0, lam=0.9, max_new_tokens=8,
+                    missing_eos_penalty=0.0, center_scores=center,
+                    whiten_advantages=whiten_advantages)
+
+    def score_fn(prompt_ids, prompt_mask, response_ids, mask):
+        return torch.full((response_ids.shape[0],), c)
+
+    prompts = ["the movie was", "the plot", "the", "the cast seemed"] * 4
+    batch = collect_rollout(PPO, model, freeze(build_policy(tok)), None, tok, prompts, cfg, 0.0,
+                            torch.Generator().manual_seed(0), score_fn=score_fn)
+    return batch, cfg
+
+
+def test_uncentered_shared_score_becomes_a_bias_towards_eos():
+    """With a zero value head, gamma 1 and beta 0, GAE gives A_t = lam^(L-1-t) * c: a score
+    every response shares still favours late tokens (EOS) over early ones; whitening then
+    makes the first tokens' advantages negative on average. Centering removes it: A = 0 everywhere."""
+    batch, cfg = constant_score_rollout(center=False, whiten_advantages=False)
+    lengths = batch.mask.sum(-1)  # (B,)
+    t = torch.arange(batch.mask.shape[1]).float()  # (T,)
+    expected = cfg.lam ** (lengths[:, None] - 1 - t) * 2.5 * batch.mask  # (B, T)
+    assert torch.allclose(batch.advantages, expected, atol=1e-5)
+    assert (lengths > 1).sum() >= 4
+
+    whitened, _ = constant_score_rollout(center=False, whiten_advantages=True)
+    long = lengths > 1
+    last = (lengths - 1).long()
+    rows = torch.arange(len(lengths))
+    assert (whitened.advantages[rows, last][long] > whitened.advantages[long, 0]).all()
+    assert whitened.advantages[long, 0].mean() < 0 < whitened.advantages[rows, last].mean()
+
+    centered, _ = constant_score_rollout(center=True, whiten_advantages=True)
+    assert centered.advantages.abs().max() < 1e-6
+
+
+def test_overoptimization_audit_rule_fires_when_proxy_rises_and_audit_falls():
+    """Evaluations (step, proxy, kl, audit): audit peaks at 1.0 (step 10, gain 1.0 over the
+    start). At step 20 it lost 0.4 < max(0.5 * 1.0, 0.5): quiet. At step 30 it lost
+    0.6 > 0.5 while the proxy (2.5) is above its value at the peak (1.0): fires, once."""
+    m = OveroptimizationMonitor(drop=0.5, min_drop=0.5)
+    fired = [m.update(s, p, 1.0, a) for s, p, a in
+             [(0, 0.0, 0.0), (10, 1.0, 1.0), (20, 2.0, 0.6), (30, 2.5, 0.4), (40, 3.0, 0.0)]]
+    assert fired == [False, False, False, True, False]
+    s = m.summary()
+    assert s["fired"] and s["rule"] == "audit" and s["step"] == 30 and s["ref_step"] == 10
+    assert (s["proxy"], s["audit"], s["ref_proxy"], s["ref_audit"]) == (2.5, 0.4, 1.0, 1.0)
+    assert "iteration 30" in m.message()
+
+
+def test_overoptimization_audit_rule_quiet_when_both_fall_or_the_dip_is_small():
+    both_fall = OveroptimizationMonitor(drop=0.5)
+    for s, p, a in [(0, 0.0, 0.0), (10, 2.0, 1.0), (20, 1.0, 0.0), (30, 1.5, 0.0)]:
+        both_fall.update(s, p, 1.0, a)  # the proxy fell below 2.0 as well: a bad step
+    small_dip = OveroptimizationMonitor(drop=0.5, min_drop=0.5)
+    for s, p, a in [(0, 0.0, 1.0), (10, 1.0, 1.1), (20, 2.0, 0.7)]:
+        small_dip.update(s, p, 1.0, a)  # lost 0.4 > 0.5 * 0.1 of a small gain, but < min_drop
+    assert not both_fall.summary()["fired"] and not small_dip.summary()["fired"]
+    restored = OveroptimizationMonitor()
+    restored.load_state_dict(both_fall.state_dict())
+    assert restored.summary() == both_fall.summary()
+
+
+def test_overoptimization_kl_slope_rule():
+    """(step, proxy, kl): the first rate is (1.0 - 0.0) / 1.0 = 1 proxy per nat. Step 20 ->
+    30: KL 2 -> 10 (+8 >= max(1, 0.5 * 2)) for +0.4 proxy, 0.05 per nat < 0.1 * 1: a jump. At
+    step 40 the KL stays at 9.5 >= 10 - 1: fires there. The same jump pulled back to KL 3
+    at step 40 stays quiet."""
+    stays, back = OveroptimizationMonitor(slope_frac=0.1, min_kl=1.0), OveroptimizationMonitor()
+    for m, last_kl in ((stays, 9.5), (back, 3.0)):
+        for s, p, kl in [(0, 0.0, 0.0), (10, 1.0, 1.0), (20, 2.0, 2.0), (30, 2.4, 10.0),
+                         (40, 2.5, last_kl)]:
+            m.update(s, p, kl)
+    s = stays.summary()
+    assert s["fired"] and s["rule"] == "kl_slope" and s["step"] == 40 and s["ref_step"] == 20
+    assert s["rate"] == pytest.approx(0.05) and s["first_rate"] == pytest.approx(1.0)
+    assert "jumped from 2.00 to 10.00" in stays.message()
+    assert not back.summary()["fired"]
+
+
+def test_the_defaults_are_ppo_and_dpo_sigmoid_only():
+    """PPO and DPO's sigmoid loss take the measured defaults; the critic-free methods and
+    the other preference losses keep theirs (measured by their own sweeps)."""
+    from rlhf_toy.config import LOSS_TYPE_DEFAULTS
+    from rlhf_toy.train.grpo import GRPOConfig
+    from rlhf_toy.train.reinforce_pp import ReinforcePPConfig
+    from rlhf_toy.train.rloo import RLOOConfig
+
+    fields = ("learning_rate", "beta", "adaptive_kl", "target_kl", "kl_horizon",
+              "center_scores", "eval_steps", "warmup_steps")
+    c = PPOConfig()
+    assert tuple(getattr(c, f) for f in fields) == (3e-4, 0.3, True, 3.0, 160, True, 10, 0)
+    for cls, lr, beta in ((GRPOConfig, 1e-3, 0.2), (RLOOConfig, 1e-3, 0.05),
+                          (ReinforcePPConfig, 5e-4, 0.05)):
+        c = cls()
+        assert tuple(getattr(c, f) for f in fields) == (lr, beta, False, 2.0, 10000, False,
+                                                        0, 0)
+    assert [LOSS_TYPE_DEFAULTS[k]["learning_rate"] for k in ("sigmoid", "ipo", "simpo")] == \
+        [3e-4, 1e-3, 1e-4]
+
+
+# ----------------------------------------------------------------- slow: full-size seed 0
+
+
+def run(stage_cls, runner, **kw) -> dict:
+    argv = [f"--{k}={v}" for k, v in kw.items()] + ["--device", "cpu", "--seed", "0"]
+    return runner(parse_config(stage_cls, argv))
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """sft -> prefs -> reward (with its audit model) at the pipeline's defaults, seed 0,
+    and PPO at its defaults."""
+    from rlhf_toy.cli import _stages
+
+    out = str(tmp_path_factory.mktemp("default_run"))
+    stages = _stages()
+    for stage, inputs in (("sft", {}), ("prefs", {"sft_dir": "sft"}),
+                          ("reward", {"sft_dir": "sft", "prefs_dir": "prefs"}),
+                          ("ppo", {"sft_dir": "sft", "reward_dir": "reward"})):
+        cls, runner, _ = stages[stage]
+        run(cls, runner, output_dir=os.path.join(out, stage),
+            **{k: os.path.join(out, v) for k, v in inputs.items()})
+    return out
+
+
+def ppo(out: str, name: str, sft_dir: str = "sft", reward_dir: str = "reward", **kw) -> dict:
+    from rlhf_toy.train.ppo import run_ppo
+
+    return run(PPOConfig, run_ppo, output_dir=os.path.join(out, name),
+               sft_dir=os.path.join(out, sft_dir), reward_dir=os.path.join(out, reward_dir), **kw)
+
+
+def summary(out: str, stage: str) -> dict:
+    with open(os.path.join(out, stage, "summary.json")) as fh:
+        return json.load(fh)
+
+
+@pytest.mark.slow
+def test_continuing_from_a_converged_policy_keeps_it(default_run):
+    """PPO from the finished PPO policy (its own reference, a fresh value head) for 5
+    iterations loses at most 0.05 held-out gold."""
+    first = summary(default_run, "ppo")
+    assert first["gold_reward_after"] > first["gold_reward_before"] + 0.25
+    cont = ppo(default_run, "ppo_cont", sft_dir="ppo", max_steps=5)
+    assert cont["gold_reward_before"] == pytest.approx(first["gold_reward_after"])
+    assert cont["gold_reward_after"] >= cont["gold_reward_before"] - 0.05
+
+
+@pytest.mark.slow
+def test_indicator_fires_on_beta_0_and_stays_quiet_at_the_defaults(default_run):
+    """beta 0 (scripts/overoptimization.py's setting): held-out gold falls from its peak
+    while the proxy rises, and the audit model's score says so; the default run is quiet."""
+    zero = ppo(default_run, "ppo_beta0", beta=0.0)
+    gold = [json.loads(line).get("eval_gold") for line in
+            open(os.path.join(default_run, "ppo_beta0", "metrics.jsonl"))]
+    gold = [g for g in gold if g is not None]
+    assert max(gold) - gold[-1] > 0.1  # the over-optimization the indicator must see
+    assert zero["overoptimization"]["fired"]
+    assert not summary(default_run, "ppo")["overoptimization"]["fired"]
+
+
+@pytest.mark.slow
+def test_ppo_gold_moves_little_when_the_reward_model_moves_by_1e_4(default_run):
+    """Float rounding differs between machines; a relative 1e-4 perturbation of every
+    reward-model weight stands in for it. PPO's final gold moves by less than 0.05."""
+    src, dst = os.path.join(default_run, "reward"), os.path.join(default_run, "reward_perturbed")
+    shutil.copytree(src, dst)
+    shutil.rmtree(os.path.join(dst, AUDIT_DIR))
+    model = load_reward_model(src)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 1e-4 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(dst)
+    moved = ppo(default_run, "ppo_perturbed", reward_dir="reward_perturbed")
+    base = summary(default_run, "ppo")
+    assert abs(moved["gold_reward_after"] - base["gold_reward_after"]) < 0.05
+
+
+def test_reward_config_checks_audit_steps():
+    from rlhf_toy.config import UsageError
+
+    with pytest.raises(UsageError, match="audit_steps must be >= 0"):
+        RewardConfig(audit_steps=-1)
