@@ -156,7 +156,7 @@ def run_seed(cfg: CompareConfig, seed: int, templates: dict[str, dict], device) 
             out = os.path.join(root, "sweep", f"{name}_beta_{b:g}")
             path = train(stage, stage_config(
                 stage, templates[name], **fixed, **inputs, output_dir=out, beta=b,
-                eval_steps=0, save_steps=0, inspect_steps=0))
+                eval_steps=0, save_steps=0, inspect_steps=0, adaptive_kl=False))
             result["sweep"].append({"method": name, "beta": b, "dir": path,
                                     **evaluator.measure_dir(path)})
     return result
