@@ -172,16 +172,16 @@ def test_two_seeds_reuse_seed_0_train_seed_1_and_report_error_bars(tiny_run, mai
             values = [r[key] for r in entry["per_seed"]]
             assert math.isclose(entry[key], sum(values) / 2), (name, key)
             assert math.isclose(entry[f"{key}_se"], standard_error(values)), (name, key)
-    # the sweep: beta times 4 for both methods and both seeds, each point over the seeds
-    assert [(p["method"], p["beta"]) for p in on_disk["sweep"]] == [("ppo", 0.2), ("dpo", 2.0)]
+    # the sweep: beta times 4 (PPO 0.3, DPO 0.5) on both seeds, each point over the seeds
+    assert [(p["method"], p["beta"]) for p in on_disk["sweep"]] == [("ppo", 1.2), ("dpo", 2.0)]
     assert [r["seed"] for r in on_disk["sweep"][0]["per_seed"]] == [0, 1]
-    assert (out / "seed_0" / "sweep" / "ppo_beta_0.2" / "summary.json").is_file()
+    assert (out / "seed_0" / "sweep" / "ppo_beta_1.2" / "summary.json").is_file()
     for path in on_disk["plots"].values():
         data = open(path, "rb").read()
         assert data[:8] == PNG_MAGIC and len(data) > 1024, path
     report = (out / "report.md").read_text()
     assert "![gold reward vs KL](frontier.png)" in report and "mean over 2 seeds" in report
-    assert "| ppo | 0.2 | " in report and not re.search(r"-0\.000(?!\d)", report)
+    assert "| ppo | 1.2 | " in report and not re.search(r"-0\.000(?!\d)", report)
     assert summary["verdict"]["pairs"][0]["sentence"] in report
     page = (out / "report.html").read_text()  # the same report as one page, plots inline
     assert page.count("data:image/png;base64,") == 2 and "seeds 0, 1" in page

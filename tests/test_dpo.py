@@ -222,7 +222,7 @@ def test_config_rejects_bad_values(argv, message):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], ("sigmoid", 0.5, 1e-3, None)),  # the default run is unchanged
+    ([], ("sigmoid", 0.5, 3e-4, None)),  # learning rate: README, Defaults that hold on every task
     (["--loss", "ipo"], ("ipo", 1.0, 1e-3, None)),
     (["--loss_type", "ipo", "--loss", "ipo", "--beta", "0.3"], ("ipo", 0.3, 1e-3, None)),
     (["--loss_type", "simpo"], ("simpo", 2.5, 1e-4, 0.5)),
