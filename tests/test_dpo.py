@@ -278,13 +278,13 @@ def test_thirty_steps_fit_the_train_pairs(tiny_run, tmp_path):
     and the implicit reward ranks most train pairs the way the labels do."""
     root, _ = tiny_run
     out = str(tmp_path / "dpo30")
-    _dpo(tiny_run, out, "--max_steps", "30", "--eval_steps", "0")
+    _dpo(tiny_run, out, "--max_steps", "30", "--eval_steps", "0", "--learning_rate", "1e-3")
     tok = load_tokenizer(out)
     ref = freeze(load_policy(os.path.join(root, "sft")))
     train = preference_tensors(load_preferences(os.path.join(root, "prefs"))["train"], tok, ref,
                                "cpu")
     fitted = evaluate_pairs(load_policy(out), train, loss_fn(DPOConfig()), tok.pad_token_id)
-    # measured with DPO seeds 0, 1, 2 (the tiny settings): loss 0.592 / 0.590 / 0.598
+    # measured with DPO seeds 0, 1, 2 (the tiny settings, learning rate 1e-3): loss 0.592 / 0.590 / 0.598
     # (log 2 = 0.693), accuracy 0.710 / 0.695 / 0.684 (0.5 at step 0)
     assert fitted["eval_loss"] < 0.62
     assert fitted["eval_accuracy"] > 0.66

@@ -98,7 +98,7 @@ def test_entropy_bonus_raises_the_entropy():
 def test_value_step_moves_values_towards_the_returns():
     cfg = PPOConfig(output_dir="unused", temperature=0.8, max_new_tokens=8, batch_size=8,
                     mini_batch_size=8, ppo_epochs=1, vf_coef=1.0, ent_coef=0.0,
-                    clip_range_value=10.0, max_grad_norm=1e9)
+                    clip_range_value=10.0, max_grad_norm=1e9, center_scores=False)
     model, batch = _rollout(cfg)
     batch = dataclasses.replace(batch, advantages=torch.zeros_like(batch.advantages))
 
@@ -129,7 +129,8 @@ def test_rollout_values_are_zero_on_padding():
 
 def test_rollout_closed_forms_with_the_policy_as_reference():
     cfg = PPOConfig(output_dir="unused", temperature=0.8, max_new_tokens=20, beta=0.3, lam=0.9,
-                    gamma=1.0, missing_eos_penalty=2.0, whiten_advantages=False)
+                    gamma=1.0, missing_eos_penalty=2.0, whiten_advantages=False,
+                    center_scores=False)  # the raw scores' closed form
     torch.manual_seed(0)
     tok = build_tokenizer(get_task("sentiment").words)
     model = PolicyWithValueHead(build_policy(tok)).eval()
