@@ -326,7 +326,8 @@ _CSS = ("body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:72em;
         "margin:.1em 0}"
         ".tip{display:none;position:absolute;left:0;top:2em;z-index:1;background:#fff;"
         "color:#111;border:1px solid #888;border-radius:4px;padding:.4em;white-space:nowrap;"
-        "box-shadow:0 2px 8px rgba(0,0,0,.3)}"
+        # the pointer passes through a tip: it never hides, or keeps hovered, other tokens
+        "box-shadow:0 2px 8px rgba(0,0,0,.3);pointer-events:none}"
         ".tok:hover .tip,.tok:focus .tip{display:block}"
         ".tip td,.tip th{padding:.1em .5em;text-align:right}")
 
