@@ -23,6 +23,7 @@ import sys
 from functools import partial
 
 import torch
+from distributed_common import assert_updates_match, worker_main
 
 from rlhf_toy.core import PREFERENCE_LOSSES, logprobs_from_logits
 from rlhf_toy.models import PolicyWithValueHead, build_policy
@@ -149,26 +150,8 @@ def test_two_process_ddp_update_equals_single_process_on_combined_batch(tmp_path
     single = updated_weights(Accelerator(cpu=True))
     torch.manual_seed(0)
     init = build_policy(_tokenizer()).state_dict()
-    for stage in ("ppo", "dpo"):
-        moved = 0.0
-        for name, w in single[stage].items():
-            assert torch.allclose(ddp[stage][name], w, atol=1e-6, rtol=1e-5), (stage, name)
-            key = name.removeprefix("policy.")
-            if key in init:
-                moved = max(moved, (w - init[key]).abs().max().item())
-        assert moved > 1e-3, f"{stage}: the update did not move the weights"
+    assert_updates_match(ddp, single, init)
 
 
 if __name__ == "__main__":
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=True)
-    assert accelerator.num_processes == 2, "launch with accelerate launch --num_processes 2"
-    weights = updated_weights(accelerator)
-    if accelerator.is_main_process:
-        torch.save(weights, os.path.join(sys.argv[1], "weights.pt"))
-    accelerator.wait_for_everyone()
-    # tear the process group down before exit: gloo's threads otherwise may still run at
-    # interpreter shutdown, which can abort a process ("terminate called without an active
-    # exception")
-    torch.distributed.destroy_process_group()
+    worker_main(updated_weights, "launch with accelerate launch --num_processes 2")

@@ -23,6 +23,7 @@ import sys
 from functools import partial
 
 import torch
+from distributed_common import assert_updates_match, worker_main
 from test_ddp import LR, ROWS, _free_port, _tokenizer, dpo_data, dpo_indices, ppo_batch
 from transformers import GPT2ForSequenceClassification
 
@@ -109,27 +110,8 @@ def test_two_process_fsdp_update_and_sampling_equal_single_process(tmp_path):
         assert torch.allclose(fsdp["rollout"][name], single["rollout"][name], atol=1e-5), name
     torch.manual_seed(0)
     init = build_policy(_tokenizer()).state_dict()
-    for stage in ("ppo", "dpo"):
-        assert fsdp[stage].keys() == single[stage].keys()
-        moved = 0.0
-        for name, w in single[stage].items():
-            assert torch.allclose(fsdp[stage][name], w, atol=1e-6, rtol=1e-5), (stage, name)
-            key = name.removeprefix("policy.")
-            if key in init:
-                moved = max(moved, (w - init[key]).abs().max().item())
-        assert moved > 1e-3, f"{stage}: the update did not move the weights"
+    assert_updates_match(fsdp, single, init)
 
 
 if __name__ == "__main__":
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=True)
-    assert accelerator.num_processes == 2, "launch with torch.distributed.run --nproc_per_node 2"
-    weights = updated_weights(accelerator, sharded=True)
-    if accelerator.is_main_process:
-        torch.save(weights, os.path.join(sys.argv[1], "weights.pt"))
-    accelerator.wait_for_everyone()
-    # tear the process group down before exit: gloo's threads otherwise may still run at
-    # interpreter shutdown, which can abort a process ("terminate called without an active
-    # exception")
-    torch.distributed.destroy_process_group()
+    worker_main(updated_weights, "launch with torch.distributed.run --nproc_per_node 2", sharded=True)
