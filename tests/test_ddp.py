@@ -83,10 +83,9 @@ def dpo_indices(acc, step: int, seed: int = 0) -> torch.Tensor:
         else batch_indices(N_PAIRS, ROWS * 2, step, seed)
 
 
-def updated_weights(acc) -> dict[str, dict[str, torch.Tensor]]:
-    """One PPO update and one DPO step on this process's share; the resulting weights."""
-    from rlhf_toy.train.dpo import batch_loss
-
+def ppo_share(acc):
+    """(tokenizer, this process's share of the PPO batch, its config, a fresh seeded
+    actor-critic): what every process starts its update from."""
     tok = _tokenizer()
     rank, world = acc.process_index, acc.num_processes
     rows = 2 * ROWS // world
@@ -94,7 +93,14 @@ def updated_weights(acc) -> dict[str, dict[str, torch.Tensor]]:
     cfg = PPOConfig(output_dir="unused", batch_size=rows, mini_batch_size=rows, ppo_epochs=2,
                     vf_coef=0.5, ent_coef=0.01, max_grad_norm=1.0)
     torch.manual_seed(0)
-    model = PolicyWithValueHead(build_policy(tok))
+    return tok, batch, cfg, PolicyWithValueHead(build_policy(tok))
+
+
+def updated_weights(acc) -> dict[str, dict[str, torch.Tensor]]:
+    """One PPO update and one DPO step on this process's share; the resulting weights."""
+    from rlhf_toy.train.dpo import batch_loss
+
+    tok, batch, cfg, model = ppo_share(acc)
     model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
     model.train()
     update(PPO, model, opt, acc, batch, cfg, cfg.beta, torch.Generator().manual_seed(0))

@@ -24,11 +24,11 @@ from functools import partial
 
 import torch
 from distributed_common import assert_updates_match, worker_main
-from test_ddp import LR, ROWS, _free_port, _tokenizer, dpo_data, dpo_indices, ppo_batch
+from test_ddp import LR, _free_port, _tokenizer, dpo_data, dpo_indices, ppo_share
 from transformers import GPT2ForSequenceClassification
 
 from rlhf_toy.core import PREFERENCE_LOSSES
-from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
+from rlhf_toy.models import build_policy, freeze
 from rlhf_toy.sharding import full_state_dict, is_sharded, shard_model
 from rlhf_toy.train.onpolicy import collect_rollout, update
 from rlhf_toy.train.ppo import PPO, PPOConfig
@@ -55,14 +55,7 @@ def updated_weights(acc, sharded: bool) -> dict[str, dict]:
     """The rollout, one PPO update and two DPO steps on this process's share."""
     from rlhf_toy.train.dpo import batch_loss
 
-    tok = _tokenizer()
-    rank, world = acc.process_index, acc.num_processes
-    rows = 2 * ROWS // world
-    batch = ppo_batch(tok, 2 * ROWS).select(torch.arange(rank * rows, (rank + 1) * rows))
-    cfg = PPOConfig(output_dir="unused", batch_size=rows, mini_batch_size=rows, ppo_epochs=2,
-                    vf_coef=0.5, ent_coef=0.01, max_grad_norm=1.0)
-    torch.manual_seed(0)
-    model = PolicyWithValueHead(build_policy(tok))
+    tok, batch, cfg, model = ppo_share(acc)
     if sharded:
         shard_model(model)
         assert is_sharded(model.policy)
