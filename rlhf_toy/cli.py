@@ -40,6 +40,10 @@ class PipelineConfig:
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda"})
     overwrite_output_dir: bool = dataclasses.field(
         default=False, metadata={"help": "replace the stages of an earlier pipeline run"})
+    model_name_or_path: str = dataclasses.field(default="", metadata={
+        "help": "a local Hugging Face causal-LM directory with its tokenizer for sft to "
+                "fine-tune instead of a fresh tiny GPT (every later stage starts from sft's "
+                "output); empty = off"})
     compare_seeds: list[int] = dataclasses.field(default_factory=list, metadata={
         "help": "seeds the compare stage trains every method on; empty = --seed alone (the "
                 "demo's size), e.g. 0 1 2 for means with standard errors"})
@@ -52,6 +56,9 @@ class PipelineConfig:
             raise UsageError(f"output_dir {self.output_dir!r} is a file; give a directory")
         if self.config_dir and not os.path.isdir(self.config_dir):
             raise UsageError(f"config_dir {self.config_dir!r} does not exist")
+        if self.model_name_or_path and not os.path.isdir(self.model_name_or_path):
+            raise UsageError(f"model_name_or_path must be a local directory holding a Hugging "
+                             f"Face causal LM and its tokenizer (got {self.model_name_or_path!r})")
 
 
 def _stage_argv(pipe: PipelineConfig, stage: str, cls: type) -> list[str]:
@@ -66,6 +73,8 @@ def _stage_argv(pipe: PipelineConfig, stage: str, cls: type) -> list[str]:
     for name, source in STAGE_INPUTS.items():
         if name in names:
             argv += [f"--{name}", os.path.join(pipe.output_dir, source)]
+    if stage == "sft" and pipe.model_name_or_path:
+        argv += ["--model_name_or_path", pipe.model_name_or_path]
     if stage == "compare":  # the pipeline's own runs are compare's for --seed
         argv += ["--method_dirs", *(f"{name}={os.path.join(pipe.output_dir, m.stage)}"
                                     for name, m in METHODS.items()

@@ -37,6 +37,28 @@ def check(condition: bool, name: str, allowed: str, value: Any) -> None:
         raise UsageError(f"{name} must be {allowed} (got {value!r})")
 
 
+def policy_dir(cfg: Any) -> str:
+    """Where a stage's starting policy, reference and tokenizer come from:
+    `--model_name_or_path` if given, else `--sft_dir`."""
+    return getattr(cfg, "model_name_or_path", "") or cfg.sft_dir
+
+
+def policy_flag(cfg: Any) -> str:
+    """The option that named `policy_dir(cfg)`, for error messages."""
+    return "--model_name_or_path" if getattr(cfg, "model_name_or_path", "") else "--sft_dir"
+
+
+def _model_path(help: str) -> Any:
+    return _f("", "a local Hugging Face causal-LM directory with its tokenizer (e.g. GPT-2, "
+                  f"Llama; no hub access): {help}; empty = off")
+
+
+def _check_model_path(cfg: Any) -> None:
+    path = getattr(cfg, "model_name_or_path", "")
+    check(not path or os.path.isdir(path), "model_name_or_path", "a local directory holding "
+          "a Hugging Face causal LM and its tokenizer (no hub access)", path)
+
+
 MAX_BETA = 1e3  # a KL coefficient (or DPO beta) beyond this only overflows the losses
 
 
@@ -85,6 +107,7 @@ class CommonConfig:
               "no, fp16 or bf16", self.mixed_precision)
         if os.path.isfile(self.output_dir):
             raise UsageError(f"output_dir {self.output_dir!r} is a file; give a directory")
+        _check_model_path(self)
 
 
 @dataclass
@@ -131,6 +154,8 @@ class SFTConfig(CommonConfig, SamplingConfig, TrainConfig):
     """Supervised fine-tuning of the tiny GPT on the task's corpus."""
 
     output_dir: str = _f("runs/default/sft", "directory this stage writes its artifacts into")
+    model_name_or_path: str = _model_path("fine-tune it instead of a fresh tiny GPT (n_layer, "
+                                          "n_embd, n_head and n_positions are then ignored)")
 
     n_layer: int = _f(2, "transformer blocks")
     n_embd: int = _f(64, "embedding width")
@@ -154,6 +179,7 @@ class PrefsConfig(CommonConfig, SamplingConfig):
     output_dir: str = _f("runs/default/prefs", "directory this stage writes its artifacts into")
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint to sample responses from")
+    model_name_or_path: str = _model_path("sample from it instead of sft_dir")
     n_pairs: int = _f(8000, "preference pairs (train + test)")
     test_fraction: float = _f(0.2, "held-out fraction of the pairs")
     label_temperature: float = _f(0.1, "Bradley-Terry label noise: P(a > b) = sigmoid((g_a - g_b) / T)")
@@ -174,6 +200,7 @@ class RewardConfig(CommonConfig, TrainConfig):
     output_dir: str = _f("runs/default/reward", "directory this stage writes its artifacts into")
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint whose backbone initialises the reward model")
+    model_name_or_path: str = _model_path("backbone and tokenizer instead of sft_dir's")
     prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs)")
     batch_size: int = _f(64, "preference pairs per optimizer step (per process)")
     max_steps: int = _f(400, "optimizer steps")
@@ -291,6 +318,8 @@ class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
 
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
+    model_name_or_path: str = _model_path("initial policy, reference and tokenizer instead "
+                                          "of sft_dir's")
     reward_dir: str = _f("runs/default/reward", "reward model checkpoint (frozen)")
     batch_size: int = _f(32, "rollouts (completions) per iteration (per process)")
     max_steps: int = _f(100, "iterations (sample, score, update)")
@@ -361,6 +390,8 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
 
     output_dir: str = _f("runs/default/dpo", "directory this stage writes its artifacts into")
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
+    model_name_or_path: str = _model_path("initial policy, reference and tokenizer instead "
+                                          "of sft_dir's")
     prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs); train split")
     reward_dir: str = _f("runs/default/reward", "reward model: proxy reward for evaluation only")
     loss_type: str | None = _f(None, "sigmoid (DPO, eq. 7; the default) | ipo (Azar et al. "

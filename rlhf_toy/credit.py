@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_toy.config import check
+from rlhf_toy.config import check, policy_dir
 from rlhf_toy.core import (
     PREFERENCE_LOSSES,
     implicit_token_rewards,
@@ -160,7 +160,8 @@ class OnPolicyCredit:
             method.stage)
         reward_dir = input_dir(self.cfg.reward_dir, checkpoint)
         self.model = load_trained(checkpoint, run, reward_dir).to(device)
-        self.ref_model = freeze(load_policy(input_dir(self.cfg.sft_dir, checkpoint))).to(device)
+        self.ref_model = freeze(load_policy(input_dir(policy_dir(self.cfg), checkpoint)))
+        self.ref_model = self.ref_model.to(device)
         self.reward_model = freeze(load_reward_model(reward_dir)).to(device)
         self.task_name, self.tokenizer = self.cfg.task, load_tokenizer(checkpoint)
         self.group_size = self.cfg.num_generations
@@ -197,7 +198,8 @@ class PreferenceCredit:
         self.loss_type = run.get("loss_type") or "sigmoid"
         self.name, self.checkpoint, self.run = method.name, checkpoint, run
         self.policy = freeze(load_policy(checkpoint)).to(device)
-        self.ref_model = freeze(load_policy(input_dir(run["sft_dir"], checkpoint))).to(device)
+        ref_dir = run.get("model_name_or_path") or run["sft_dir"]  # policy_dir of the run
+        self.ref_model = freeze(load_policy(input_dir(ref_dir, checkpoint))).to(device)
         self.reward_model = freeze(load_reward_model(input_dir(run["reward_dir"],
                                                                checkpoint))).to(device)
         self.task_name, self.tokenizer = run["task"], load_tokenizer(checkpoint)

@@ -54,6 +54,7 @@ import torch
 from rlhf_toy.config import _f, check
 from rlhf_toy.credit import group_size, load_credits, read_checkpoint
 from rlhf_toy.errors import UsageError
+from rlhf_toy.models import context_length
 from rlhf_toy.rollout import decode_responses, encode_prompts, sample
 from rlhf_toy.tasks import get_task
 from rlhf_toy.train.memory import check_memory
@@ -121,7 +122,7 @@ def _prompts(task, tokenizer, policy, n: int, prompt: str, seed: int, max_new_to
     if not ids or unknown:
         raise UsageError(f"prompt must be words of the {task.name!r} task (got {prompt!r}; "
                          f"unknown: {unknown})")
-    room = policy.config.n_positions - max_new_tokens
+    room = context_length(policy.config) - max_new_tokens
     check(len(ids) <= room, "prompt", f"at most {room} tokens (n_positions - max_new_tokens)",
           prompt)
     return [prompt] * n

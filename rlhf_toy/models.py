@@ -1,4 +1,6 @@
-"""Tiny GPT policy, value head / critic and reward model, all `transformers` GPT-2 classes.
+"""Policy, value head / critic and reward model: the project's tiny GPT-2 built from a
+config, or any local Hugging Face causal LM (`--model_name_or_path DIR`), loaded through
+`AutoModelForCausalLM` / `AutoModelForSequenceClassification`.
 
 Shapes: B batch, P prompt length (left-padded), T response length (right-padded),
 L = P + T, V vocabulary, H hidden width.
@@ -15,7 +17,14 @@ import os
 
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+)
 
 from rlhf_toy.core import last_token_index
 from rlhf_toy.errors import UsageError
@@ -55,36 +64,57 @@ def _check_checkpoint(path: str, kind: str) -> dict:
     return read_json_file(cfg_path, what)
 
 
-def _from_pretrained(cls: type, path: str, kind: str, **kwargs):
-    """`cls.from_pretrained(path)`; a file it cannot read is a one-line error."""
+def _from_pretrained(cls: type, path: str, kind: str, config: dict, **kwargs):
+    """`cls.from_pretrained(path)` in float32 with every dropout off (RL needs it off: the
+    first PPO epoch's ratio must be exactly 1); a file it cannot read is a one-line error."""
+    no_dropout = {k: 0.0 for k, v in config.items()
+                  if isinstance(v, float) and v and ("dropout" in k or k.endswith("pdrop"))}
     try:
-        return cls.from_pretrained(path, local_files_only=True, **kwargs)
+        return cls.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                   **no_dropout, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise UsageError(f"{kind} checkpoint {path!r} cannot be loaded "
                          f"({type(exc).__name__}: {error_reason(exc)})") from None
 
 
-def load_policy(path: str) -> GPT2LMHeadModel:
-    """Load a policy saved with `save_pretrained`; clear error if it is another kind of model."""
-    config = _check_checkpoint(path, "policy")
-    if "GPT2LMHeadModel" not in config.get("architectures", []):
-        raise UsageError(f"policy checkpoint {path!r} holds a {config.get('architectures')} "
-                         "model, not a GPT2LMHeadModel policy")
-    return _from_pretrained(GPT2LMHeadModel, path, "policy")
+def _check_architecture(config: dict, path: str, kind: str, suffixes: tuple[str, ...],
+                        wanted: str) -> None:
+    """The checkpoint's `architectures` must name a class ending in one of `suffixes`."""
+    archs = config.get("architectures") or []
+    if not any(a.endswith(suffixes) for a in archs):
+        raise UsageError(f"{kind} checkpoint {path!r} holds a {archs or 'unnamed'} model, not "
+                         f"a {wanted}")
 
 
-def load_reward_model(path: str) -> GPT2ForSequenceClassification:
-    """Load a reward model written by the `reward` stage."""
+CAUSAL_LM = ("ForCausalLM", "LMHeadModel")  # LlamaForCausalLM, GPT2LMHeadModel, ...
+
+
+def load_policy(path: str, kind: str = "policy") -> PreTrainedModel:
+    """A causal LM saved with `save_pretrained` (this project's or any local Hugging Face
+    one), through `AutoModelForCausalLM`; a one-line error if it is another kind of model.
+    `kind` names the checkpoint in errors (e.g. "--model_name_or_path")."""
+    config = _check_checkpoint(path, kind)
+    _check_architecture(config, path, kind, CAUSAL_LM,
+                        "causal LM policy (e.g. GPT2LMHeadModel, LlamaForCausalLM)")
+    return _from_pretrained(AutoModelForCausalLM, path, kind, config)
+
+
+def load_reward_model(path: str) -> PreTrainedModel:
+    """Load a reward model written by the `reward` stage (a `...ForSequenceClassification`)."""
     config = _check_checkpoint(path, "reward model")
-    if "GPT2ForSequenceClassification" not in config.get("architectures", []):
-        raise UsageError(f"reward checkpoint {path!r} holds a {config.get('architectures')} "
-                         "model, not a GPT2ForSequenceClassification reward model")
-    return _from_pretrained(GPT2ForSequenceClassification, path, "reward model")
+    _check_architecture(config, path, "reward", ("ForSequenceClassification",),
+                        "sequence-classification reward model (e.g. "
+                        "GPT2ForSequenceClassification)")
+    return _from_pretrained(AutoModelForSequenceClassification, path, "reward model", config)
 
 
-def reward_model_from_policy(sft_dir: str, head_init_std: float) -> GPT2ForSequenceClassification:
-    """A reward model whose backbone starts from the SFT policy and whose head starts small."""
-    _check_checkpoint(sft_dir, "SFT")
+def reward_model_from_policy(policy_dir: str, head_init_std: float,
+                             kind: str = "SFT") -> PreTrainedModel:
+    """A reward model whose backbone starts from the policy in `policy_dir` (any causal LM:
+    `AutoModelForSequenceClassification`, num_labels=1) and whose head starts small."""
+    config = _check_checkpoint(policy_dir, kind)
+    _check_architecture(config, policy_dir, kind, CAUSAL_LM,
+                        "causal LM policy (e.g. GPT2LMHeadModel, LlamaForCausalLM)")
     # "newly initialized: score.weight" and "layers were not sharded" are expected here
     loggers = [logging.getLogger(f"transformers.{name}")
                for name in ("modeling_utils", "distributed.tensor_parallel")]
@@ -92,12 +122,34 @@ def reward_model_from_policy(sft_dir: str, head_init_std: float) -> GPT2ForSeque
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        model = _from_pretrained(GPT2ForSequenceClassification, sft_dir, "SFT", num_labels=1)
+        model = _from_pretrained(AutoModelForSequenceClassification, policy_dir, kind, config,
+                                 num_labels=1)
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-    nn.init.normal_(model.score.weight, std=head_init_std)
+    nn.init.normal_(score_head(model).weight, std=head_init_std)
     return model
+
+
+def score_head(reward_model: nn.Module) -> nn.Linear:
+    """The scalar head of a `...ForSequenceClassification` reward model (`score` in every
+    causal-LM architecture of `transformers`)."""
+    head = getattr(reward_model, "score", None)
+    if not isinstance(head, nn.Linear):
+        raise UsageError(f"the {type(reward_model).__name__} reward model has no linear "
+                         "`score` head")
+    return head
+
+
+def context_length(config) -> int | None:
+    """The positions a model can attend over, from its config (a `config.json` dict or a
+    `PretrainedConfig`; GPT-2 names it `n_positions`, most others
+    `max_position_embeddings`); None if it has no limit."""
+    config = config if isinstance(config, dict) else config.to_dict()
+    for key in ("n_positions", "max_position_embeddings"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -147,22 +199,22 @@ def reward_scores(reward_model: nn.Module, prompt_ids: torch.Tensor, prompt_mask
         hidden = lean_gpt2_hidden(reward_model, inputs["input_ids"], inputs["position_ids"],
                                   mask)  # (B, L, H)
     else:
-        hidden = reward_model.transformer(**inputs, use_cache=False).last_hidden_state  # (B, L, H)
-    last = last_token_index(inputs["attention_mask"])  # (B,)
+        hidden = reward_model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, L, H)
+    last = last_token_index(inputs["attention_mask"])  # (B,) from the mask, never from ids
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    return reward_model.score(pooled).squeeze(-1)  # (B, 1) -> (B,)
+    return score_head(reward_model)(pooled).squeeze(-1)  # (B, 1) -> (B,)
 
 
 class PolicyWithValueHead(nn.Module):
-    """A GPT-2 policy and a scalar value head on its final hidden state (one forward pass).
+    """A policy and a scalar value head on its final hidden state (one forward pass).
 
     The head is initialised to output exactly zero, so the critic starts neutral.
     """
 
-    def __init__(self, policy: GPT2LMHeadModel):
+    def __init__(self, policy: PreTrainedModel):
         super().__init__()
         self.policy = policy
-        self.value_head = nn.Linear(policy.config.n_embd, 1)
+        self.value_head = nn.Linear(policy.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
@@ -186,15 +238,16 @@ class PolicyWithValueHead(nn.Module):
 
 
 class RewardCritic(nn.Module):
-    """A separate critic initialised from the reward model: its backbone, and its score head
-    applied at every position (so V at the last token starts equal to the reward score)."""
+    """A separate critic initialised from the reward model: its backbone (`transformer`,
+    whatever the architecture calls it), and its score head applied at every position (so
+    V at the last token starts equal to the reward score)."""
 
-    def __init__(self, reward_model: GPT2ForSequenceClassification):
+    def __init__(self, reward_model: PreTrainedModel):
         super().__init__()
-        self.transformer = reward_model.transformer
-        self.value_head = nn.Linear(reward_model.config.n_embd, 1)
+        self.transformer = reward_model.base_model
+        self.value_head = nn.Linear(reward_model.config.hidden_size, 1)
         with torch.no_grad():
-            self.value_head.weight.copy_(reward_model.score.weight)
+            self.value_head.weight.copy_(score_head(reward_model).weight)
             self.value_head.bias.zero_()
 
     def forward(self, prompt_ids, prompt_mask, response_ids, response_mask):
@@ -227,7 +280,7 @@ def freeze(model: nn.Module) -> nn.Module:
 class PolicyWithCritic(nn.Module):
     """A policy and a separate critic (`RewardCritic`); same interface as `PolicyWithValueHead`."""
 
-    def __init__(self, policy: GPT2LMHeadModel, critic: RewardCritic):
+    def __init__(self, policy: PreTrainedModel, critic: RewardCritic):
         super().__init__()
         self.policy = policy
         self.critic = critic
@@ -247,7 +300,7 @@ class CriticFreePolicy(nn.Module):
     """A policy alone, with the interface of `PolicyWithValueHead` (values None): the model
     critic-free algorithms (GRPO, RLOO, REINFORCE++) train."""
 
-    def __init__(self, policy: GPT2LMHeadModel):
+    def __init__(self, policy: PreTrainedModel):
         super().__init__()
         self.policy = policy
 

@@ -53,11 +53,31 @@ class Samples:
         return Samples(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS in front of a text by default (Llama's do)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu"):
-    """Tokenize and left-pad prompts: returns (prompt_ids (B, P), prompt_mask (B, P))."""
-    enc = tokenizer(prompts, padding=True, return_tensors="pt", padding_side="left",
-                    add_special_tokens=False)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    """Tokenize and left-pad prompts, each after the BOS if the tokenizer adds one by
+    default (`adds_bos`); no other special token. Returns (prompt_ids (B, P), prompt_mask
+    (B, P)), the mask from the lengths."""
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    ids = [bos + x for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    return left_pad(ids, tokenizer.pad_token_id, device)
+
+
+def left_pad(ids: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"):
+    """Token lists left-padded to one length: (ids (B, P), mask (B, P)), mask 1 on tokens."""
+    p = max((len(x) for x in ids), default=0)
+    out = torch.full((len(ids), p), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), p), dtype=torch.long)
+    for i, x in enumerate(ids):
+        if x:
+            out[i, p - len(x):] = torch.tensor(x, dtype=torch.long)
+            mask[i, p - len(x):] = 1
+    return out.to(device), mask.to(device)
 
 
 def encode_responses(tokenizer, responses: list[str], add_eos: bool = True,
@@ -75,7 +95,7 @@ def encode_responses(tokenizer, responses: list[str], add_eos: bool = True,
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    """Response strings without EOS and padding."""
+    """Response strings without EOS and padding (padding by the mask, whatever its id)."""
     eos = tokenizer.eos_token_id
     texts = []
     for ids, m in zip(response_ids.tolist(), mask.tolist(), strict=True):
@@ -103,7 +123,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     draw), so they equal a fresh forward pass with logits divided by `temperature`.
 
     Args:
-        model: a causal LM (`GPT2LMHeadModel`).
+        model: a causal LM: a plain `GPT2LMHeadModel` runs the lean path
+            (`lean_gpt2_supported`), any other its own forward with a `DynamicCache`.
         prompt_ids, prompt_mask: (B, P) left-padded prompts.
         greedy: take the argmax instead of sampling (log-probs still at `temperature`).
         generator: torch RNG for reproducible draws.

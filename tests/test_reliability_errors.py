@@ -221,12 +221,14 @@ def _stage_argv(stage, b, tmp_path, **override):
 INPUT_CASES = [
     ("ppo", {"sft_dir": "missing"}, [], "checkpoint {missing!r} does not exist"),
     ("dpo", {"reward_dir": "missing"}, [], "does not exist"),
-    ("ppo", {"sft_dir": "reward"}, [], "not a GPT2LMHeadModel policy"),
-    ("ppo", {"reward_dir": "sft"}, [], "not a GPT2ForSequenceClassification reward model"),
-    ("dpo", {"sft_dir": "swapped"}, [], "has 16 tokens but the GPT2LMHeadModel has a "
-                                        "vocabulary of 38"),
-    ("reward", {"sft_dir": "swapped"}, [], "has 16 tokens but"),
-    ("ppo", {"sft_dir": "swapped"}, [], "has 16 tokens but"),
+    ("ppo", {"sft_dir": "reward"}, [], "holds a ['GPT2ForSequenceClassification'] model, not "
+                                       "a causal LM policy"),
+    ("ppo", {"reward_dir": "sft"}, [], "holds a ['GPT2LMHeadModel'] model, not a "
+                                       "sequence-classification reward model"),
+    ("dpo", {"sft_dir": "swapped"}, [], "--sft_dir {swapped!r} has a vocabulary of 38 but its "
+                                        "tokenizer has 16 tokens"),
+    ("reward", {"sft_dir": "swapped"}, [], "has a vocabulary of 38 but its tokenizer has 16"),
+    ("ppo", {"sft_dir": "swapped"}, [], "has a vocabulary of 38 but its tokenizer has 16"),
     ("ppo", {}, ["--max_new_tokens", "30"], "max_new_tokens must be <= 29 so that prompt + "
                                             "response fit n_positions=32"),
     ("dpo", {}, ["--max_new_tokens", "30"], "max_new_tokens must be <= 29"),
@@ -252,7 +254,7 @@ INPUT_CASES = [
     ("ppo", {}, ["--n_eval_prompts", "1000000000000"], "lower n_eval_prompts"),
     ("prefs", {}, ["--n_pairs", "1000000000000"], "lower n_pairs"),
     # damaged checkpoints: one line naming the file
-    ("ppo", {"sft_dir": "cut"}, [], "policy checkpoint {cut!r}: model.safetensors is truncated "
+    ("ppo", {"sft_dir": "cut"}, [], "--sft_dir checkpoint {cut!r}: model.safetensors is truncated "
                                     "or altered"),
     ("ppo", {"sft_dir": "cut_bare"}, [], "model.safetensors is truncated or altered"),
     ("dpo", {"sft_dir": "random"}, [], "model.safetensors is corrupted (its checksum differs"),

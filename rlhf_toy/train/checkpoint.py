@@ -177,12 +177,14 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
         except (RuntimeError, AttributeError, TypeError) as exc:
             first = error_reason(exc).removeprefix("Error(s) in loading state_dict for ")
             raise UsageError(f"{what} holds weights of another shape than this run's model "
-                             f"(a different sft_dir or model size?): {first}") from None
+                             "(a different sft_dir, model_name_or_path or model size?): "
+                             f"{first}") from None
 
 
 # fields that may differ between a checkpoint's run and the run resuming it
 _RESUME_MAY_CHANGE = {"output_dir", "resume_from_checkpoint", "save_steps", "logging_steps",
-                      "device", "sft_dir", "reward_dir", "prefs_dir", "overwrite_output_dir"}
+                      "device", "sft_dir", "model_name_or_path", "reward_dir", "prefs_dir",
+                      "overwrite_output_dir"}
 # fields that decide which weights a checkpoint holds: resuming with another value is refused
 _RESUME_MUST_MATCH = ("critic", "n_layer", "n_embd", "n_head", "n_positions")
 

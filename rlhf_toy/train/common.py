@@ -235,28 +235,40 @@ def first_non_finite(**quantities: torch.Tensor | None) -> str | None:
 # --------------------------------------------------------------------------- input checks
 
 
-def check_context(sft_dir: str, max_prompt_tokens: int, max_new_tokens: int) -> None:
+def check_context(path: str, max_prompt_tokens: int, max_new_tokens: int,
+                  flag: str = "--sft_dir") -> None:
     """`max_new_tokens` must leave room for the task's longest prompt in the policy's
-    context (`n_positions` of the checkpoint in `sft_dir`); checked before any loading."""
-    file = os.path.join(sft_dir, "config.json")
+    context (`n_positions` or `max_position_embeddings` of the checkpoint in `path`, given
+    as `flag`); checked before any loading."""
+    from rlhf_toy.models import context_length
+
+    file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         return  # loading the checkpoint reports it
     with open(file) as fh:
-        n_positions = json.load(fh).get("n_positions", max_prompt_tokens + max_new_tokens)
+        n_positions = context_length(json.load(fh)) or max_prompt_tokens + max_new_tokens
     check_allowed = n_positions - max_prompt_tokens
     if max_new_tokens > check_allowed:
         raise UsageError(f"max_new_tokens must be <= {check_allowed} so that prompt + response "
-                         f"fit n_positions={n_positions} of {sft_dir!r} (got {max_new_tokens})")
+                         f"fit n_positions={n_positions} of {flag} {path!r} "
+                         f"(got {max_new_tokens})")
 
 
-def check_vocab(tokenizer: Any, path: str, *models: Any) -> None:
-    """The tokenizer saved in `path` must match the embedding table of every model."""
-    for model in models:
+VOCAB_PADDING = 64  # checkpoints may pad their embedding table to a multiple of this
+
+
+def check_vocab(tokenizer: Any, source: str, models: dict[str, Any]) -> None:
+    """The tokenizer (from `source`, e.g. "--sft_dir 'runs/x/sft'") must match the embedding
+    table of every model (`{where it came from: model}`): the same size, or a larger table
+    padded to a multiple of `VOCAB_PADDING` (as e.g. Pythia and Qwen checkpoints are)."""
+    n = len(tokenizer)
+    for label, model in models.items():
         vocab = model.config.vocab_size
-        if len(tokenizer) != vocab:
-            raise UsageError(f"tokenizer in {path!r} has {len(tokenizer)} tokens but the "
-                             f"{type(model).__name__} has a vocabulary of {vocab}: they come "
-                             "from different checkpoints")
+        if vocab == n or (vocab > n and vocab % VOCAB_PADDING == 0):
+            continue
+        owner = "its" if label == source else f"the policy's ({source})"
+        raise UsageError(f"{label} has a vocabulary of {vocab} but {owner} tokenizer has {n} "
+                         "tokens: they come from different checkpoints")
 
 
 def open_run(cfg: Any, stage: str, acc: Accelerator, model: Any,

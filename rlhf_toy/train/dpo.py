@@ -29,11 +29,17 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 
-from rlhf_toy.config import DPOConfig
+from rlhf_toy.config import DPOConfig, policy_dir, policy_flag
 from rlhf_toy.core import PREFERENCE_LOSSES, logprobs_from_logits
 from rlhf_toy.data import load_preferences, select_batch, tokenize_preferences
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
-from rlhf_toy.models import freeze, load_policy, load_reward_model, response_logits
+from rlhf_toy.models import (
+    context_length,
+    freeze,
+    load_policy,
+    load_reward_model,
+    response_logits,
+)
 from rlhf_toy.sharding import sampling_policy
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
@@ -158,7 +164,8 @@ def preference_tensors(split, tokenizer, ref_model, device, truncate_prompts: bo
     Pairs longer than the reference's context are an error, or with `truncate_prompts`
     keep their prompts' last tokens (`data.tokenize_preferences`)."""
     chosen, rejected = tokenize_preferences(tokenizer, split, device,
-                                            ref_model.config.n_positions, truncate_prompts, what)
+                                            context_length(ref_model.config), truncate_prompts,
+                                            what)
     if reference_free:
         return PreferenceTensors(chosen, rejected, None, None)
     ref_c, ref_r = precompute_reference_logps(ref_model, chosen, rejected,
@@ -273,12 +280,15 @@ def build_context(cfg: DPOConfig, acc) -> DPOContext:
     log-probs (under the same autocast as the policy's forward; none for a reference-free
     loss, whose reference model serves the KL of the evaluation only)."""
     task = get_task(cfg.task)
-    check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
+    start, flag = policy_dir(cfg), policy_flag(cfg)
+    check_context(start, task.max_prompt_tokens, cfg.max_new_tokens, flag)
     prefs = load_preferences(cfg.prefs_dir)
-    ref_model = freeze(load_policy(cfg.sft_dir)).to(acc.device)
+    ref_model = freeze(load_policy(start, flag)).to(acc.device)
     reward_model = freeze(load_reward_model(cfg.reward_dir)).to(acc.device)
-    tokenizer = load_tokenizer(cfg.sft_dir)
-    check_vocab(tokenizer, cfg.sft_dir, ref_model, reward_model)
+    tokenizer = load_tokenizer(start)
+    source = f"{flag} {start!r}"
+    check_vocab(tokenizer, source, {source: ref_model,
+                                    f"--reward_dir {cfg.reward_dir!r}": reward_model})
     with acc.autocast():
         train, test = (preference_tensors(prefs[split], tokenizer, ref_model, acc.device,
                                           cfg.truncate_prompts, f"{cfg.prefs_dir} ({split})",
@@ -311,7 +321,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     """
     acc, t0 = start_stage(cfg, "dpo")
     ctx = build_context(cfg, acc)
-    model = load_policy(cfg.sft_dir)
+    model = load_policy(policy_dir(cfg), policy_flag(cfg))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay,
                                   # one fused kernel per step (FSDP keeps foreach)

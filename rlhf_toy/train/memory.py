@@ -22,18 +22,27 @@ EXAMPLE_BYTES = 200  # a generated example as python strings, at least
 FLOAT = 4
 
 
+# each shape field under its GPT-2 name and the name most other architectures use
+SHAPE_KEYS = {"n_layer": ("n_layer", "num_hidden_layers"), "n_embd": ("n_embd", "hidden_size"),
+              "n_positions": ("n_positions", "max_position_embeddings"),
+              "vocab_size": ("vocab_size",)}
+
+
 def model_shape(cfg: Any) -> dict[str, int]:
     """n_layer, n_embd, n_positions and vocab_size of the run's model: from the config
-    (sft) or the `config.json` of the checkpoint it starts from."""
-    if hasattr(cfg, "n_layer"):
+    (sft) or the `config.json` of the checkpoint it starts from (`--model_name_or_path`,
+    `--sft_dir` or `--checkpoint`)."""
+    path = (getattr(cfg, "model_name_or_path", "") or getattr(cfg, "sft_dir", "")
+            or getattr(cfg, "checkpoint", ""))
+    if hasattr(cfg, "n_layer") and not path:
         return {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_positions": cfg.n_positions,
                 "vocab_size": 64}
-    path = getattr(cfg, "sft_dir", "") or getattr(cfg, "checkpoint", "")
     try:
         with open(os.path.join(path, "config.json")) as fh:
             config = json.load(fh)
-        return {k: int(config[k]) for k in ("n_layer", "n_embd", "n_positions", "vocab_size")}
-    except (OSError, ValueError, KeyError, TypeError):
+        return {name: int(next(config[k] for k in keys if k in config))
+                for name, keys in SHAPE_KEYS.items()}
+    except (OSError, ValueError, StopIteration, TypeError):
         return {}  # loading the checkpoint reports it
 
 

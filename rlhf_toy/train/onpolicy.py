@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import DistributedType
 
-from rlhf_toy.config import OnPolicyConfig
+from rlhf_toy.config import OnPolicyConfig, policy_dir, policy_flag
 from rlhf_toy.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -275,7 +275,7 @@ def iteration_prompts(task, cfg: OnPolicyConfig, it_seed: int) -> list[str]:
 
 def critic_free_policy(cfg: OnPolicyConfig) -> CriticFreePolicy:
     """The trainable model of a critic-free method: the SFT policy alone."""
-    return CriticFreePolicy(load_policy(cfg.sft_dir))
+    return CriticFreePolicy(load_policy(policy_dir(cfg), policy_flag(cfg)))
 
 
 def sequence_advantages(batch: Rollout, advantages: torch.Tensor) -> torch.Tensor:
@@ -288,9 +288,11 @@ def build_models(method: OnPolicyMethod, cfg: OnPolicyConfig, acc):
     frozen reference policy, the frozen reward model and the tokenizer."""
     reward_model = freeze(load_reward_model(cfg.reward_dir))
     model = method.build_model(cfg)
-    ref_model = freeze(load_policy(cfg.sft_dir))
-    tokenizer = load_tokenizer(cfg.sft_dir)
-    check_vocab(tokenizer, cfg.sft_dir, model.policy, reward_model)
+    ref_model = freeze(load_policy(policy_dir(cfg), policy_flag(cfg)))
+    tokenizer = load_tokenizer(policy_dir(cfg))
+    source = f"{policy_flag(cfg)} {policy_dir(cfg)!r}"
+    check_vocab(tokenizer, source, {source: model.policy,
+                                    f"--reward_dir {cfg.reward_dir!r}": reward_model})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   # one fused kernel per step (FSDP keeps foreach)
@@ -323,7 +325,7 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
     and `summary.json` (gold/proxy before and after, KL to the reference, wall time)."""
     acc, t0 = start_stage(cfg, method.stage)
     task = get_task(cfg.task)
-    check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
+    check_context(policy_dir(cfg), task.max_prompt_tokens, cfg.max_new_tokens, policy_flag(cfg))
     model, unwrapped, optimizer, ref_model, reward_model, tokenizer = build_models(method, cfg,
                                                                                   acc)
     kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl

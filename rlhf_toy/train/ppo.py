@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from rlhf_toy.config import OnPolicyConfig, _f, _positive, _unit, check
+from rlhf_toy.config import OnPolicyConfig, _f, _positive, _unit, check, policy_dir, policy_flag
 from rlhf_toy.core import (
     gae,
     last_token_index,
@@ -68,9 +68,10 @@ class PPOConfig(OnPolicyConfig):
 
 def build_actor_critic(cfg: PPOConfig) -> torch.nn.Module:
     """The trainable policy with its critic: a value head, or a critic from the reward model."""
+    policy = load_policy(policy_dir(cfg), policy_flag(cfg))
     if cfg.critic == "value_head":
-        return PolicyWithValueHead(load_policy(cfg.sft_dir))
-    return PolicyWithCritic(load_policy(cfg.sft_dir),
+        return PolicyWithValueHead(policy)
+    return PolicyWithCritic(policy,
                             RewardCritic(load_reward_model(cfg.reward_dir)))
 
 

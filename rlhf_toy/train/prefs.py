@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from rlhf_toy.config import PrefsConfig
+from rlhf_toy.config import PrefsConfig, policy_dir, policy_flag
 from rlhf_toy.data import build_preferences, gold_accuracy
 from rlhf_toy.evaluate import SamplingArgs
 from rlhf_toy.models import load_policy
@@ -19,10 +19,10 @@ from rlhf_toy.train.rundir import commit_run
 def run_prefs(cfg: PrefsConfig) -> dict:
     """Stage `prefs`: write the preference dataset (`save_to_disk`) and its summary."""
     task = get_task(cfg.task)
-    check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
+    check_context(policy_dir(cfg), task.max_prompt_tokens, cfg.max_new_tokens, policy_flag(cfg))
     acc, t0 = start_stage(cfg, "prefs")
-    policy = load_policy(cfg.sft_dir).to(acc.device).eval()
-    tokenizer = load_tokenizer(cfg.sft_dir)
+    policy = load_policy(policy_dir(cfg), policy_flag(cfg)).to(acc.device).eval()
+    tokenizer = load_tokenizer(policy_dir(cfg))
     data = build_preferences(policy, tokenizer, task, cfg.n_pairs, cfg.test_fraction,
                              cfg.label_temperature,
                              SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k), cfg.seed)

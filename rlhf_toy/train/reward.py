@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from rlhf_toy.config import RewardConfig
+from rlhf_toy.config import RewardConfig, policy_dir, policy_flag
 from rlhf_toy.core import bradley_terry_loss
 from rlhf_toy.data import gold_accuracy, load_preferences, select_batch, tokenize_preferences
-from rlhf_toy.models import AUDIT_DIR, reward_model_from_policy, reward_scores
+from rlhf_toy.models import AUDIT_DIR, context_length, reward_model_from_policy, reward_scores
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
     batch_indices,
@@ -75,7 +75,8 @@ def fit_pairs(model, optimizer, acc, chosen: dict, rejected: dict, steps: int, c
 def train_audit(cfg: RewardConfig, acc, train: tuple[dict, dict], test: tuple[dict, dict]) -> dict:
     """The audit reward model: trained on the test pairs, scored on the train pairs (the
     main model's training data, which the audit model never sees). Saved to OUTPUT_DIR/audit/."""
-    model = reward_model_from_policy(cfg.sft_dir, cfg.head_init_std).to(acc.device)
+    model = reward_model_from_policy(policy_dir(cfg), cfg.head_init_std,
+                                     policy_flag(cfg)).to(acc.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     fit_pairs(model, optimizer, acc, *test, cfg.audit_steps, cfg, cfg.seed + 1)
@@ -89,10 +90,12 @@ def train_audit(cfg: RewardConfig, acc, train: tuple[dict, dict], test: tuple[di
 def run_reward(cfg: RewardConfig) -> dict:
     acc, t0 = start_stage(cfg, "reward")
     prefs = load_preferences(cfg.prefs_dir)
-    tokenizer = load_tokenizer(cfg.sft_dir)
-    model = reward_model_from_policy(cfg.sft_dir, cfg.head_init_std)
-    check_vocab(tokenizer, cfg.sft_dir, model)
-    fit = {"n_positions": model.config.n_positions, "truncate_prompts": cfg.truncate_prompts}
+    source = f"{policy_flag(cfg)} {policy_dir(cfg)!r}"
+    tokenizer = load_tokenizer(policy_dir(cfg))
+    model = reward_model_from_policy(policy_dir(cfg), cfg.head_init_std, policy_flag(cfg))
+    check_vocab(tokenizer, source, {source: model})
+    fit = {"n_positions": context_length(model.config),
+           "truncate_prompts": cfg.truncate_prompts}
     train_c, train_r = tokenize_preferences(tokenizer, prefs["train"], acc.device, **fit,
                                             what=f"{cfg.prefs_dir} (train)")
     test_c, test_r = tokenize_preferences(tokenizer, prefs["test"], acc.device, **fit,

@@ -29,7 +29,7 @@ LOCK_FILE = ".lock"
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 # input fields of the stages, in the order the configs declare them
-INPUT_FIELDS = ("sft_dir", "reward_dir", "prefs_dir", "ppo_dir", "dpo_dir")
+INPUT_FIELDS = ("sft_dir", "model_name_or_path", "reward_dir", "prefs_dir", "ppo_dir", "dpo_dir")
 
 _OPEN: dict[str, RunDir] = {}  # realpath of output_dir -> the run writing into it
 
@@ -56,7 +56,10 @@ def check_inputs(cfg: Any) -> None:
     """Every input directory exists (checked in the order the config declares them) and
     none of them is the output directory, inside it or around it. An empty one is not
     given (`compare` then trains that stage itself)."""
-    names = [f for f in cfg.__dataclass_fields__ if f in INPUT_FIELDS and getattr(cfg, f)]
+    # --model_name_or_path replaces sft_dir, which is then not read
+    unread = {"sft_dir"} if getattr(cfg, "model_name_or_path", "") else set()
+    names = [f for f in cfg.__dataclass_fields__
+             if f in INPUT_FIELDS and f not in unread and getattr(cfg, f)]
     for name in names:
         path = getattr(cfg, name)
         if not os.path.isdir(path):

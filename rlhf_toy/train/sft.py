@@ -1,4 +1,5 @@
-"""Stage `sft`: supervised fine-tuning of a freshly initialised tiny GPT on the task corpus.
+"""Stage `sft`: supervised fine-tuning on the task corpus, of a freshly initialised tiny GPT
+or of a local Hugging Face causal LM (`--model_name_or_path`).
 
 The loss is the token-mean negative log-likelihood of the response tokens (EOS
 included); prompt tokens are context only.
@@ -15,11 +16,13 @@ from rlhf_toy.core import logprobs_from_logits
 from rlhf_toy.data import select_batch, sft_dataset, tokenize_pairs
 from rlhf_toy.errors import UsageError
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
-from rlhf_toy.models import build_policy, response_logits
+from rlhf_toy.models import build_policy, load_policy, response_logits
 from rlhf_toy.tasks import get_task
-from rlhf_toy.tokenizer import build_tokenizer
+from rlhf_toy.tokenizer import build_tokenizer, load_tokenizer
 from rlhf_toy.train.common import (
     batch_indices,
+    check_context,
+    check_vocab,
     finish_stage,
     first_non_finite,
     open_run,
@@ -37,15 +40,29 @@ def nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return -(logp * mask).sum() / mask.sum()  # (B, T) -> scalar
 
 
-def run_sft(cfg: SFTConfig) -> dict:
-    acc, t0 = start_stage(cfg, "sft")
-    task = get_task(cfg.task)
+def starting_model(cfg: SFTConfig, task):
+    """(policy, tokenizer) to fine-tune: `--model_name_or_path`'s, else a fresh tiny GPT
+    over the task's words."""
+    if cfg.model_name_or_path:
+        check_context(cfg.model_name_or_path, task.max_prompt_tokens, cfg.max_new_tokens,
+                      "--model_name_or_path")
+        where = f"--model_name_or_path {cfg.model_name_or_path!r}"
+        tokenizer = load_tokenizer(cfg.model_name_or_path)
+        model = load_policy(cfg.model_name_or_path, "--model_name_or_path")
+        check_vocab(tokenizer, where, {where: model})
+        return model, tokenizer
     if task.max_prompt_tokens + cfg.max_new_tokens > cfg.n_positions:
         raise UsageError(f"max_new_tokens must be <= {cfg.n_positions - task.max_prompt_tokens} "
                          f"so that prompt + response fit n_positions={cfg.n_positions} "
                          f"(got {cfg.max_new_tokens})")
     tokenizer = build_tokenizer(task.words)
-    model = build_policy(tokenizer, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions)
+    return build_policy(tokenizer, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions), tokenizer
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    acc, t0 = start_stage(cfg, "sft")
+    task = get_task(cfg.task)
+    model, tokenizer = starting_model(cfg, task)
 
     # 1. generated train and held-out corpora, tokenized once
     train = sft_dataset(task, cfg.n_train, cfg.seed)
