@@ -121,6 +121,14 @@ def sweep_betas(beta: float | None, factors: list[float]) -> list[float]:
     return [b for b in dict.fromkeys(betas) if b != beta]
 
 
+def stage_inputs(dirs: dict[str, str]) -> dict[str, str]:
+    """The input fields of a seed's run: `<stage>_dir` of each earlier stage; once this
+    seed has an SFT run, a `model_name_or_path` recorded by the template is not read (the
+    run starts from that SFT run, as the template's did from its own)."""
+    inputs = {f"{k}_dir": v for k, v in dirs.items()}
+    return {**inputs, "model_name_or_path": ""} if "sft" in dirs else inputs
+
+
 def run_seed(cfg: CompareConfig, seed: int, templates: dict[str, dict], device) -> dict:
     """Every stage and method of one seed, trained or reused, measured the same way.
 
@@ -136,10 +144,10 @@ def run_seed(cfg: CompareConfig, seed: int, templates: dict[str, dict], device) 
     dirs: dict[str, str] = {}
     for stage in BASE_STAGES:
         given = getattr(cfg, f"{stage}_dir") if own else ""
-        inputs = {f"{k}_dir": v for k, v in dirs.items()}
+        inputs = stage_inputs(dirs)
         dirs[stage] = given or train(stage, stage_config(
             stage, templates[stage], **fixed, **inputs, output_dir=os.path.join(root, stage)))
-    inputs = {f"{k}_dir": v for k, v in dirs.items()}
+    inputs = stage_inputs(dirs)
     evaluator = Evaluator(cfg, seed, dirs["sft"], dirs["reward"], device)
     result = {"seed": seed, "sft": {**evaluator.measure_dir(dirs["sft"]), "dir": dirs["sft"]},
               "methods": {}, "sweep": []}

@@ -145,10 +145,10 @@ def context_length(config) -> int | None:
     """The positions a model can attend over, from its config (a `config.json` dict or a
     `PretrainedConfig`; GPT-2 names it `n_positions`, most others
     `max_position_embeddings`); None if it has no limit."""
-    config = config if isinstance(config, dict) else config.to_dict()
     for key in ("n_positions", "max_position_embeddings"):
-        if isinstance(config.get(key), int):
-            return config[key]
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int):
+            return value
     return None
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from rlhf_toy.errors import UsageError
 from rlhf_toy.lean_gpt2 import (
     StaticDecoder,
     StaticKVCache,
@@ -25,7 +26,7 @@ from rlhf_toy.lean_gpt2 import (
     lean_gpt2_hidden,
     lean_gpt2_supported,
 )
-from rlhf_toy.models import position_ids_from_mask
+from rlhf_toy.models import context_length, position_ids_from_mask
 
 
 @dataclass
@@ -134,6 +135,11 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
             static-shape step eagerly (for tests); False keeps the eager decoder.
     """
     b, p, device = prompt_ids.shape[0], prompt_ids.shape[1], prompt_ids.device
+    limit = context_length(getattr(model, "config", {}))
+    if limit is not None and p + max_new_tokens > limit:  # a BPE prompt can be long
+        raise UsageError(f"max_new_tokens must be <= {limit - p} so that the longest prompt "
+                         f"({p} tokens) and its response fit the model's {limit} positions "
+                         f"(got {max_new_tokens})")
     # the whole attention mask up front (generated positions are 1); step t reads a prefix
     attention = torch.cat([prompt_mask.long(), torch.ones((b, max_new_tokens), dtype=torch.long,
                                                           device=device)], dim=1)  # (B, P + T)

@@ -86,3 +86,14 @@ def save_llama(path: str, lines: list[str]) -> str:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+if __name__ == "__main__":  # python tests/hf_models.py DIR: DIR/gpt2 and DIR/llama
+    import sys
+
+    import torch
+
+    torch.manual_seed(0)
+    lines = corpus()
+    for name, save in (("gpt2", save_gpt2), ("llama", save_llama)):
+        print(save(f"{sys.argv[1]}/{name}", lines))

@@ -14,6 +14,7 @@ from hf_models import corpus, save_gpt2, save_llama
 
 from rlhf_toy.cli import PipelineConfig, _stage_argv, main
 from rlhf_toy.config import PrefsConfig, SFTConfig
+from rlhf_toy.errors import UsageError
 from rlhf_toy.lean_gpt2 import lean_gpt2_supported
 from rlhf_toy.methods import STAGES
 from rlhf_toy.models import load_policy, response_logits, reward_model_from_policy, reward_scores
@@ -139,6 +140,11 @@ def test_llama_cached_sampling_equals_a_full_forward(local_models):
             alone = response_logits(model, one_ids, one_mask, resp, torch.ones_like(resp), 0.8)
         lp = torch.log_softmax(alone, -1).gather(-1, resp[..., None]).squeeze(-1)
         assert torch.allclose(lp[0], s.logprobs[i, :n], atol=1e-5)
+    # BPE prompts are counted in tokens: prompt + response must fit the 64 positions
+    room = 64 - ids.shape[1]
+    with pytest.raises(UsageError, match=f"max_new_tokens must be <= {room} so that the "
+                                         f"longest prompt \\({ids.shape[1]} tokens\\)"):
+        sample(model, ids, mask, room + 1, tok.eos_token_id, tok.pad_token_id)
 
 
 def test_prompts_start_with_bos_only_where_the_tokenizer_adds_one(local_models):
