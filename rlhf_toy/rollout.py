@@ -57,7 +57,9 @@ class Samples:
 def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts its BOS in front of a text by default (Llama's do)."""
     bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    added = tokenizer("a")["input_ids"]  # a BOS that is the text's own token (e.g. UNK) is not added
+    return (bos is not None and added[:1] == [bos]
+            and len(added) > len(tokenizer("a", add_special_tokens=False)["input_ids"]))
 
 
 def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu"):

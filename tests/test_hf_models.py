@@ -231,3 +231,19 @@ def test_the_pipeline_gives_the_model_to_sft_alone(local_models, tmp_path):
     prefs = _stage_argv(pipe, "prefs", PrefsConfig)  # later stages read sft's output
     assert "--model_name_or_path" not in prefs
     assert prefs[prefs.index("--sft_dir") + 1] == os.path.join(str(tmp_path), "sft")
+
+
+def test_ppo_on_a_local_llama_resumes_bit_exactly(runs, local_models, tmp_path, monkeypatch):
+    """Stopped after its checkpoint at step 2 and resumed: the same weights, value head,
+    metrics and summary as the run that never stopped (the checks of every stage's resume
+    test, here through `--model_name_or_path`)."""
+    from test_reliability_resume import PPO_TINY, _stopped_and_resumed, assert_same_run
+
+    root, extra = runs["llama"][0], [*PPO_TINY, "--model_name_or_path", local_models["llama"]]
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    run_stage("ppo", root, "--output_dir", full, *extra)
+    _stopped_and_resumed("ppo", root, resumed, extra, monkeypatch)
+    assert_same_run(full, resumed, files=("model.safetensors",))
+    heads = [torch.load(os.path.join(d, "value_head.pt"), weights_only=True)
+             for d in (full, resumed)]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
