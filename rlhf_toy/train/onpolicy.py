@@ -96,8 +96,9 @@ class Rollout:
     returns: torch.Tensor | None = None
     raw_scores: torch.Tensor | None = None
 
-    def select(self, index: torch.Tensor) -> Rollout:
-        """The rollouts at `index` (B') as a new `Rollout`; None fields stay None."""
+    def select(self, index: torch.Tensor | slice) -> Rollout:
+        """The rollouts at `index` (B', or a slice: views) as a new `Rollout`; None fields
+        stay None."""
         return Rollout(*(None if (x := getattr(self, f.name)) is None else x[index]
                          for f in dataclasses.fields(self)))
 
@@ -180,8 +181,9 @@ def update(method: OnPolicyMethod, model, optimizer, acc, batch: Rollout, cfg: O
     updated = False  # has an optimizer step of this call changed the model yet?
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=generator).to(batch.mask.device)
+        shuffled = batch.select(perm)  # one gather per epoch; its minibatches are views
         for start in range(0, n, micro):
-            mb = batch.select(perm[start: start + micro])
+            mb = shuffled.select(slice(start, start + micro))
             with acc.accumulate(model):
                 logits, values = model(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.mask,
                                        temperature=cfg.temperature)
