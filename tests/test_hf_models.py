@@ -6,6 +6,7 @@ come (no pad token, a BOS, left or right padding)."""
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from rlhf_toy.methods import STAGES
 from rlhf_toy.models import load_policy, response_logits, reward_model_from_policy, reward_scores
 from rlhf_toy.rollout import encode_prompts, encode_responses, sample
 from rlhf_toy.tokenizer import build_tokenizer, load_tokenizer
+from rlhf_toy.train.memory import estimate
 
 PROMPTS = ["the movie was", "the plot", "the"]  # different lengths: real left padding
 ARCHS = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
@@ -247,3 +249,17 @@ def test_ppo_on_a_local_llama_resumes_bit_exactly(runs, local_models, tmp_path, 
     heads = [torch.load(os.path.join(d, "value_head.pt"), weights_only=True)
              for d in (full, resumed)]
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
+def test_memory_estimate_counts_the_task_s_tokens_not_a_long_context(tmp_path):
+    """A local model with 131,072 positions (Llama-3.1's) and a 128,256-token vocabulary
+    runs 19-token sequences on the sentiment task (3 prompt words + 16 new tokens): the
+    batch term is batch x 19 x (3 V + 16 n_layer H + 19) x 4 bytes, not 131,072 x ... (which
+    would refuse any run)."""
+    config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2,
+              "hidden_size": 32, "max_position_embeddings": 131072, "vocab_size": 128256}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = SimpleNamespace(model_name_or_path=str(tmp_path), task="sentiment", batch_size=32,
+                          max_new_tokens=16, n_eval_prompts=128)
+    parts = {what: size for size, what, _ in estimate(cfg, "ppo")}
+    assert parts["a batch of 32 sequences"] == 32 * 19 * (3 * 128256 + 16 * 2 * 32 + 19) * 4

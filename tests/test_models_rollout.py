@@ -52,7 +52,7 @@ def test_rollout_logprobs_equal_a_fresh_forward_pass_with_padding():
 def test_sampler_stops_at_eos_and_masks_after_it():
     tok, model = _setup()
     ids, mask = encode_prompts(tok, PROMPTS * 8)
-    s = sample(model, ids, mask, 30, tok.eos_token_id, tok.pad_token_id, temperature=2.0,
+    s = sample(model, ids, mask, 29, tok.eos_token_id, tok.pad_token_id, temperature=2.0,
                generator=torch.Generator().manual_seed(1))
     # an untrained model: some rows end with EOS early, others run to the length limit
     assert 0 < int(s.ended_with_eos.sum()) < len(s.ended_with_eos)

@@ -52,8 +52,9 @@ def estimate(cfg: Any, stage: str) -> list[tuple[int, str, str]]:
     if not shape:
         return []
     n_layer, n_embd = shape["n_layer"], shape["n_embd"]
-    length, vocab = shape["n_positions"], shape["vocab_size"]
-    params = n_layer * 12 * n_embd**2 + (vocab + length) * n_embd
+    vocab = shape["vocab_size"]
+    params = n_layer * 12 * n_embd**2 + (vocab + shape["n_positions"]) * n_embd
+    length = sequence_length(cfg, shape["n_positions"])
     models = {"sft": 4, "reward": 4, "ppo": 7, "dpo": 6, "prefs": 1, "compare": 3,
               "inspect": 3}.get(stage, 1)  # copies: trained (x4 with AdamW state) + frozen
     parts = [(models * params * FLOAT, f"a model of {params:,} parameters",
@@ -71,6 +72,20 @@ def estimate(cfg: Any, stage: str) -> list[tuple[int, str, str]]:
         if n:
             parts.append((n * per_example, f"{n:,} examples", field))
     return parts
+
+
+def sequence_length(cfg: Any, n_positions: int) -> int:
+    """Tokens per sequence, at least: the task's longest prompt and response (in words; a
+    subword tokenizer only makes them longer) or `max_new_tokens`, within the context. Not
+    the context itself: a local model's can be 100,000 positions for 20-token sequences."""
+    from rlhf_toy.tasks import get_task
+
+    try:
+        task = get_task(cfg.task)
+    except (UsageError, AttributeError):
+        return n_positions
+    response = max(task.max_response_tokens + 1, cfg_get(cfg, "max_new_tokens"))  # + EOS
+    return min(n_positions, task.max_prompt_tokens + response)
 
 
 def cfg_get(cfg: Any, name: str) -> int:
