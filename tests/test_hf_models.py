@@ -39,8 +39,8 @@ def local_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(local_models, tmp_path_factory):
-    """{arch: (run dir, {stage: summary})}: sft, reward, ppo and dpo started from the local
-    checkpoint (`--model_name_or_path`), prefs sampled from the SFT output (`--sft_dir`)."""
+    """{arch: (run dir, {stage: summary})}: sft, reward, ppo, grpo and dpo started from the
+    local checkpoint (`--model_name_or_path`), prefs sampled from the SFT output (`--sft_dir`)."""
     out = {}
     evals = ["--n_eval_prompts", "16"]
     for arch, path in local_models.items():
@@ -50,6 +50,7 @@ def runs(local_models, tmp_path_factory):
                   "prefs": ["--n_pairs", "200", *evals],
                   "reward": [*start, "--max_steps", "10", "--audit_steps", "5"],
                   "ppo": [*start, "--max_steps", "2", *evals],
+                  "grpo": [*start, "--max_steps", "1", "--num_generations", "4", *evals],
                   "dpo": [*start, "--max_steps", "3", "--batch_size", "16", "--eval_steps",
                           "0", *evals]}
         out[arch] = root, {stage: run_stage(stage, root, *extra)
@@ -66,7 +67,7 @@ def _architectures(path: str) -> list[str]:
 def test_every_stage_runs_from_a_local_checkpoint(runs, local_models, arch):
     root, summaries = runs[arch]
     policy, reward = ARCHS[arch]
-    for stage in ("sft", "reward", "ppo", "dpo"):
+    for stage in ("sft", "reward", "ppo", "grpo", "dpo"):
         assert set(STAGES[stage].keys) <= set(summaries[stage]), stage
         for name in ("config.json", "model.safetensors", "tokenizer.json", "summary.json"):
             assert os.path.isfile(os.path.join(root, stage, name)), (stage, name)
