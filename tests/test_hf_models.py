@@ -21,6 +21,7 @@ from rlhf_toy.methods import STAGES
 from rlhf_toy.models import load_policy, response_logits, reward_model_from_policy, reward_scores
 from rlhf_toy.rollout import encode_prompts, encode_responses, sample
 from rlhf_toy.tokenizer import build_tokenizer, load_tokenizer
+from rlhf_toy.train.common import check_vocab
 from rlhf_toy.train.memory import estimate
 
 PROMPTS = ["the movie was", "the plot", "the"]  # different lengths: real left padding
@@ -264,3 +265,20 @@ def test_memory_estimate_counts_the_task_s_tokens_not_a_long_context(tmp_path):
                           max_new_tokens=16, n_eval_prompts=128)
     parts = {what: size for size, what, _ in estimate(cfg, "ppo")}
     assert parts["a batch of 32 sequences"] == 32 * 19 * (3 * 128256 + 16 * 2 * 32 + 19) * 4
+
+
+def test_vocabulary_check_accepts_only_a_table_padded_to_a_multiple_of_64(local_models):
+    """The Llama tokenizer has 120 tokens: a table of 120, or of 128 = 2 x 64 (padded), fits;
+    121 and 130 (not multiples of 64), 112 and 64 (smaller) do not, and the error names the
+    checkpoint each came from."""
+    tok = load_tokenizer(local_models["llama"])
+    assert len(tok) == 120
+
+    def model(vocab):
+        return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+
+    check_vocab(tok, "--sft_dir 'a'", {"--sft_dir 'a'": model(120), "--reward_dir 'b'": model(128)})
+    for vocab in (121, 130, 112, 64):
+        with pytest.raises(UsageError, match=f"--reward_dir 'b' has a vocabulary of {vocab} but "
+                                             "the policy's \\(--sft_dir 'a'\\) tokenizer has 120"):
+            check_vocab(tok, "--sft_dir 'a'", {"--reward_dir 'b'": model(vocab)})
