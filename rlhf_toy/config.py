@@ -37,6 +37,7 @@ def check(condition: bool, name: str, allowed: str, value: Any) -> None:
         raise UsageError(f"{name} must be {allowed} (got {value!r})")
 
 
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
 MAX_BETA = 1e3  # a KL coefficient (or DPO beta) beyond this only overflows the losses
 
 
@@ -117,6 +118,18 @@ class TrainConfig:
                             "final model")
     resume_from_checkpoint: str = _f("", "PATH of a checkpoint-N/ directory, or 'latest' in "
                                          "output_dir; empty = start fresh")
+    # memory and tracking (README, "LoRA and gradient checkpointing", "Tracking")
+    use_peft: bool = _f(False, "train LoRA adapters (peft) on a frozen base; the reference is "
+                               "the base with the adapter disabled")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA scale numerator: the update is scaled by lora_alpha / lora_r")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input, in [0, 1)")
+    lora_target_modules: list[str] = _f([], "layers to adapt; empty = c_attn (GPT-2), "
+                                            "q_proj v_proj (Llama)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass "
+                                             "(less memory, more compute)")
+    report_to: str = _f("none", "also log metrics.jsonl's rows to: none | tensorboard | "
+                                "wandb | trackio")
 
     def _check_train(self) -> None:
         _positive(self, "batch_size", "gradient_accumulation_steps", "max_steps",
@@ -124,6 +137,9 @@ class TrainConfig:
         check(0 < self.learning_rate <= 1, "learning_rate", "in (0, 1]", self.learning_rate)
         check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
         check(self.save_steps >= 0, "save_steps", ">= 0", self.save_steps)
+        _positive(self, "lora_r", "lora_alpha")
+        check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "in [0, 1)", self.lora_dropout)
+        check(self.report_to in REPORT_TO, "report_to", " | ".join(REPORT_TO), self.report_to)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from rlhf_toy.config import DPOConfig
 from rlhf_toy.core import PREFERENCE_LOSSES, logprobs_from_logits
 from rlhf_toy.data import load_preferences, select_batch, tokenize_preferences
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
+from rlhf_toy.lora import apply_lora, enable_checkpointing, reference_model
 from rlhf_toy.models import freeze, load_policy, load_reward_model, response_logits
 from rlhf_toy.sharding import sampling_policy
 from rlhf_toy.tasks import get_task
@@ -268,14 +269,15 @@ class DPOContext:
     sampling: SamplingArgs
 
 
-def build_context(cfg: DPOConfig, acc) -> DPOContext:
+def build_context(cfg: DPOConfig, acc, policy) -> DPOContext:
     """Load the frozen reference and reward model, tokenize both splits, cache reference
     log-probs (under the same autocast as the policy's forward; none for a reference-free
-    loss, whose reference model serves the KL of the evaluation only)."""
+    loss, whose reference model serves the KL of the evaluation only). The reference of a
+    LoRA `policy` is the policy with its adapter disabled, not a second copy."""
     task = get_task(cfg.task)
     check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
     prefs = load_preferences(cfg.prefs_dir)
-    ref_model = freeze(load_policy(cfg.sft_dir)).to(acc.device)
+    ref_model = reference_model(policy, lambda: load_policy(cfg.sft_dir)).to(acc.device)
     reward_model = freeze(load_reward_model(cfg.reward_dir)).to(acc.device)
     tokenizer = load_tokenizer(cfg.sft_dir)
     check_vocab(tokenizer, cfg.sft_dir, ref_model, reward_model)
@@ -310,10 +312,11 @@ def run_dpo(cfg: DPOConfig) -> dict:
         `wall_s`, ...
     """
     acc, t0 = start_stage(cfg, "dpo")
-    ctx = build_context(cfg, acc)
-    model = load_policy(cfg.sft_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay,
+    model = apply_lora(load_policy(cfg.sft_dir), cfg, cfg.sft_dir)
+    enable_checkpointing(model, cfg)
+    ctx = build_context(cfg, acc, model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   # one fused kernel per step (FSDP keeps foreach)
                                   fused=acc.distributed_type != DistributedType.FSDP)
     model, optimizer = acc.prepare(model, optimizer)

@@ -35,6 +35,7 @@ from rlhf_toy.core import (
     masked_var,
 )
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
+from rlhf_toy.lora import apply_lora, enable_checkpointing, reference_model
 from rlhf_toy.models import (
     AUDIT_DIR,
     CriticFreePolicy,
@@ -288,7 +289,10 @@ def build_models(method: OnPolicyMethod, cfg: OnPolicyConfig, acc):
     frozen reference policy, the frozen reward model and the tokenizer."""
     reward_model = freeze(load_reward_model(cfg.reward_dir))
     model = method.build_model(cfg)
-    ref_model = freeze(load_policy(cfg.sft_dir))
+    model.policy = apply_lora(model.policy, cfg, cfg.sft_dir)
+    enable_checkpointing(model, cfg)  # the policy's and a separate critic's
+    # with LoRA, the policy's base with the adapter disabled (one copy of the base weights)
+    ref_model = reference_model(model.policy, lambda: load_policy(cfg.sft_dir))
     tokenizer = load_tokenizer(cfg.sft_dir)
     check_vocab(tokenizer, cfg.sft_dir, model.policy, reward_model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
