@@ -41,7 +41,17 @@ from rlhf_toy.train.rundir import (  # noqa: F401 - read_run_config re-exported
 
 logger = logging.getLogger(__name__)
 
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+def tracker_options(cfg: Any) -> dict:
+    """The `Accelerator` arguments of `--report_to`: none, or the tracker and where it
+    writes (OUTPUT_DIR/tensorboard/). A tracker whose package is missing: one line."""
+    report_to = getattr(cfg, "report_to", "none")
+    if report_to == "none":
+        return {}
+    if importlib.util.find_spec(report_to) is None:  # each tracker's package has its name
+        raise UsageError(f"report_to {report_to} needs the {report_to} package: "
+                         f"pip install {report_to}")
+    return {"log_with": report_to, "project_config": ProjectConfiguration(
+        project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, TRACKER_DIR))}
 
 
 def make_accelerator(cfg: Any) -> Accelerator:
@@ -52,17 +62,10 @@ def make_accelerator(cfg: Any) -> Accelerator:
     different settings in one process, so each stage starts from a fresh state (the
     process group of a multi-process launch is kept).
     """
-    report_to = getattr(cfg, "report_to", "none")
-    if report_to != "none" and importlib.util.find_spec(report_to) is None:
-        raise UsageError(f"report_to {report_to} needs the {report_to} package: pip install "
-                         f"{TRACKER_PACKAGES[report_to]} (or pip install 'rlhf_toy[tracking]')")
     AcceleratorState._reset_state()
     acc = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
                       gradient_accumulation_steps=getattr(cfg, "gradient_accumulation_steps", 1),
-                      log_with=None if report_to == "none" else report_to,
-                      project_config=ProjectConfiguration(
-                          project_dir=cfg.output_dir,
-                          logging_dir=os.path.join(cfg.output_dir, TRACKER_DIR)))
+                      **tracker_options(cfg))
     if cfg.device == "cuda" and acc.device.type != "cuda":
         raise UsageError("device must be cpu or auto here: no CUDA device is available")
     set_seed(cfg.seed, device_specific=False)
