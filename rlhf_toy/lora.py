@@ -16,7 +16,6 @@ merges them, so every tool (`inspect`, `compare`, the next stage) sees a plain m
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -119,8 +118,9 @@ class AdapterDisabled(nn.Module):
 def reference_model(policy: nn.Module, load: Callable[[], nn.Module]) -> nn.Module:
     """The frozen reference: the adapted `policy` with its adapter disabled, or (a policy
     without adapters) `load()`, a second copy loaded from the base checkpoint."""
-    if find_peft_model(policy) is not None:
-        return AdapterDisabled(find_peft_model(policy))
+    peft_model = find_peft_model(policy)
+    if peft_model is not None:
+        return AdapterDisabled(peft_model)
     model = load()
     model.eval()
     model.requires_grad_(False)
@@ -173,8 +173,7 @@ def load_adapter_model(path: str, kind: str, load_base: Callable[[str], nn.Modul
     what = f"{kind} checkpoint {path!r}"
     base = load_base(adapter_base(path, what))
     try:
-        with contextlib.redirect_stdout(None):
-            model = PeftModel.from_pretrained(base, path, is_trainable=False)
+        model = PeftModel.from_pretrained(base, path, is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise UsageError(f"{what}: its LoRA adapter cannot be loaded ({type(exc).__name__})") \
             from None

@@ -5,6 +5,7 @@ The tiny policy: 2 layers, width 64, GPT-2's fused `c_attn` (64 -> 192). LoRA of
 """
 
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -32,7 +33,7 @@ from rlhf_toy.tokenizer import build_tokenizer
 from rlhf_toy.train.common import make_accelerator
 from rlhf_toy.train.onpolicy import build_models
 from rlhf_toy.train.ppo import PPO, PPOConfig
-from rlhf_toy.train.reward import lora_reward_model
+from rlhf_toy.train.reward import trainable_reward_model
 
 R = 4
 LORA_WEIGHTS = 2 * R * (64 + 192)  # two layers of A (r x 64) and B (192 x r)
@@ -137,7 +138,7 @@ def test_reward_lora_trains_the_score_head_in_full(tiny_run, tmp_path):
     out, _ = tiny_run
     cfg = parse_config(RewardConfig, ["--output_dir", str(tmp_path / "r"), "--sft_dir",
                                       os.path.join(out, "sft"), *PEFT])
-    model = lora_reward_model(cfg)
+    model = trainable_reward_model(cfg)
     trained = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert all("lora_" in n or "score.modules_to_save" in n for n in trained)
     assert sum(trained.values()) == LORA_WEIGHTS + 64
@@ -224,6 +225,16 @@ def test_target_modules_defaults_and_unknown_names():
     with pytest.raises(UsageError, match=r"lora_target_modules must name linear layers .*"
                                          r"c_attn.* \(got 'q_proj'\)"):
         target_modules(gpt2, ["q_proj"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lora_r", "0"], "lora_r must be > 0 (got 0)"),
+    (["--lora_alpha", "-1"], "lora_alpha must be > 0 (got -1)"),
+    (["--lora_dropout", "1.0"], "lora_dropout must be in [0, 1) (got 1.0)"),
+])
+def test_bad_lora_settings_are_usage_errors(argv, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse_config(RewardConfig, argv)
 
 
 def test_unknown_target_module_is_one_line_exit_2(tiny_run, tmp_path, capsys):

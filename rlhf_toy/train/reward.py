@@ -73,7 +73,7 @@ def fit_pairs(model, optimizer, acc, chosen: dict, rejected: dict, steps: int, c
     model.eval()
 
 
-def lora_reward_model(cfg: RewardConfig):
+def trainable_reward_model(cfg: RewardConfig):
     """The reward model to train: from the SFT policy; with `use_peft`, LoRA on the backbone
     and the score head trained in full."""
     model = apply_lora(reward_model_from_policy(cfg.sft_dir, cfg.head_init_std), cfg,
@@ -85,7 +85,7 @@ def lora_reward_model(cfg: RewardConfig):
 def train_audit(cfg: RewardConfig, acc, train: tuple[dict, dict], test: tuple[dict, dict]) -> dict:
     """The audit reward model: trained on the test pairs, scored on the train pairs (the
     main model's training data, which the audit model never sees). Saved to OUTPUT_DIR/audit/."""
-    model = lora_reward_model(cfg).to(acc.device)
+    model = trainable_reward_model(cfg).to(acc.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     fit_pairs(model, optimizer, acc, *test, cfg.audit_steps, cfg, cfg.seed + 1)
@@ -101,7 +101,7 @@ def run_reward(cfg: RewardConfig) -> dict:
     acc, t0 = start_stage(cfg, "reward")
     prefs = load_preferences(cfg.prefs_dir)
     tokenizer = load_tokenizer(cfg.sft_dir)
-    model = lora_reward_model(cfg)
+    model = trainable_reward_model(cfg)
     check_vocab(tokenizer, cfg.sft_dir, model)
     fit = {"n_positions": model.config.n_positions, "truncate_prompts": cfg.truncate_prompts}
     train_c, train_r = tokenize_preferences(tokenizer, prefs["train"], acc.device, **fit,
