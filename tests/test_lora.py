@@ -4,6 +4,7 @@ The tiny policy: 2 layers, width 64, GPT-2's fused `c_attn` (64 -> 192). LoRA of
 `c_attn` adds A (r x 64) and B (192 x r) per layer: 2 * r * (64 + 192) = 512 r weights.
 """
 
+import math
 import os
 import re
 import shutil
@@ -185,6 +186,21 @@ def test_lora_run_resumes_bit_exactly(tiny_run, tmp_path, stage):
         assert torch.equal(load_reward_model(full).score.weight, saved)
     else:
         assert type(load_policy(full)).__name__ == "GPT2LMHeadModel"
+
+
+def test_lora_dpo_learns_the_held_out_preferences(tiny_run, tmp_path):
+    """Adapters alone (r 8, lr 3e-3, 30 steps of 32 pairs) move DPO off the reference: the
+    held-out loss starts at log 2 (policy = reference) and falls, the implicit-reward pair
+    accuracy rises from 0.5. Measured on seeds 0, 1, 2: loss 0.6755, 0.6866, 0.6783
+    (drops 0.018, 0.007, 0.015), accuracy 0.565, 0.545, 0.545; asserted with margins
+    below the smallest of them."""
+    root, _ = tiny_run
+    summary = run("dpo", str(tmp_path / "dpo"), root, "--max_steps", "30", "--batch_size",
+                  "32", "--n_eval_prompts", "16", "--eval_steps", "0", "--use_peft",
+                  "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "3e-3")
+    assert summary["eval_accuracy_before"] == 0.5
+    assert summary["eval_loss"] < math.log(2) - 0.004
+    assert summary["eval_accuracy"] > 0.5 + 0.02
 
 
 def test_adapter_directory_survives_moves(tmp_path):
