@@ -158,7 +158,8 @@ def run(stage: str, out: str, inputs_root: str, *extra: str) -> dict:
 STAGE_ARGS = {"sft": ["--max_steps", "4", "--n_eval_prompts", "16"],
               "reward": ["--max_steps", "4", "--audit_steps", "2"],
               "dpo": ["--max_steps", "4", "--batch_size", "16", "--n_eval_prompts", "16"],
-              "ppo": ["--max_steps", "2", "--n_eval_prompts", "16"]}
+              "ppo": ["--max_steps", "2", "--n_eval_prompts", "16"],
+              "grpo": ["--max_steps", "2", "--n_eval_prompts", "16"]}  # critic-free
 
 
 @pytest.mark.parametrize("stage", list(STAGE_ARGS))
