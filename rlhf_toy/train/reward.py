@@ -20,7 +20,9 @@ import torch
 
 from rlhf_toy.config import RewardConfig
 from rlhf_toy.core import bradley_terry_loss
-from rlhf_toy.data import gold_accuracy, load_preferences, select_batch, tokenize_preferences
+from rlhf_toy.data import gold_accuracy, has_gold, select_batch, tokenize_preferences
+from rlhf_toy.datafiles import load_preference_data
+from rlhf_toy.evaluate import NO_GOLD
 from rlhf_toy.models import AUDIT_DIR, reward_model_from_policy, reward_scores
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
@@ -88,15 +90,16 @@ def train_audit(cfg: RewardConfig, acc, train: tuple[dict, dict], test: tuple[di
 
 def run_reward(cfg: RewardConfig) -> dict:
     acc, t0 = start_stage(cfg, "reward")
-    prefs = load_preferences(cfg.prefs_dir)
     tokenizer = load_tokenizer(cfg.sft_dir)
+    prefs = load_preference_data(cfg, tokenizer)  # every check before training
     model = reward_model_from_policy(cfg.sft_dir, cfg.head_init_std)
     check_vocab(tokenizer, cfg.sft_dir, model)
     fit = {"n_positions": model.config.n_positions, "truncate_prompts": cfg.truncate_prompts}
+    source = cfg.prefs_path or cfg.prefs_dir
     train_c, train_r = tokenize_preferences(tokenizer, prefs["train"], acc.device, **fit,
-                                            what=f"{cfg.prefs_dir} (train)")
+                                            what=f"{source} (train)")
     test_c, test_r = tokenize_preferences(tokenizer, prefs["test"], acc.device, **fit,
-                                          what=f"{cfg.prefs_dir} (test)")
+                                          what=f"{source} (test)")
     n_train = len(prefs["train"])
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
@@ -132,7 +135,10 @@ def run_reward(cfg: RewardConfig) -> dict:
 
     model = acc.unwrap_model(model).eval()
     summary = evaluate_pairs(model, test_c, test_r, cfg.eval_batch_size)
-    summary["gold_accuracy"] = gold_accuracy(prefs["test"])
+    if has_gold(prefs["test"]):  # the gold ceiling, where the pairs carry gold rewards
+        summary["gold_accuracy"] = gold_accuracy(prefs["test"])
+    else:
+        summary["gold"] = NO_GOLD
     summary["train_pairs"], summary["test_pairs"] = n_train, len(prefs["test"])
     if cfg.audit_steps:
         summary.update(train_audit(cfg, acc, (train_c, train_r), (test_c, test_r)))
