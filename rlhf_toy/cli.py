@@ -41,11 +41,11 @@ class PipelineConfig:
     overwrite_output_dir: bool = dataclasses.field(
         default=False, metadata={"help": "replace the stages of an earlier pipeline run"})
     prefs_path: str = dataclasses.field(default="", metadata={
-        "help": "preference pairs of your own (see `rlhf-toy reward --help`): replace the prefs "
-                "stage; compare, which generates its task's pairs for every seed, is skipped"})
+        "help": "preference pairs of your own (see `rlhf-toy reward --help`) for reward, dpo "
+                "and compare: they replace the prefs stage"})
     prompts_path: str = dataclasses.field(default="", metadata={
-        "help": "prompts of your own for ppo and dpo's evaluation (no gold reward); compare, "
-                "which measures gold, is skipped"})
+        "help": "prompts of your own for the on-policy stages and every evaluation; there is "
+                "then no gold reward (the reports say so)"})
     compare_seeds: list[int] = dataclasses.field(default_factory=list, metadata={
         "help": "seeds the compare stage trains every method on; empty = --seed alone (the "
                 "demo's size), e.g. 0 1 2 for means with standard errors"})
@@ -85,11 +85,8 @@ def _stage_argv(pipe: PipelineConfig, stage: str, cls: type) -> list[str]:
 
 
 def pipeline_stages(pipe: PipelineConfig) -> list[str]:
-    """The stages a pipeline runs: a user's pairs replace `prefs`; `compare` generates its
-    task's pairs and measures gold, so a user's pairs or prompts leave it out."""
-    skip = ({"prefs"} if pipe.prefs_path else set()) | (
-        {"compare"} if pipe.prefs_path or pipe.prompts_path else set())
-    return [stage for stage in PIPELINE if stage not in skip]
+    """The stages a pipeline runs: a user's pairs replace `prefs`."""
+    return [stage for stage in PIPELINE if not (stage == "prefs" and pipe.prefs_path)]
 
 
 def run_pipeline(pipe: PipelineConfig) -> dict:
@@ -100,8 +97,6 @@ def run_pipeline(pipe: PipelineConfig) -> dict:
         cfg = parse_config(cls, _stage_argv(pipe, stage, cls), prog=f"rlhf-toy {stage}")
         results[stage] = runner(cfg)
         _print_line(stage, results[stage], keys)
-    if "compare" not in results:
-        return results
     compare = results["compare"]
     print(f"report: {compare['report']} (one page: {compare['report_html']})\n"
           f"plots: {', '.join(compare['plots'].values())}",

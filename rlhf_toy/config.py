@@ -460,6 +460,10 @@ class CompareConfig(CommonConfig, SamplingConfig):
     sft_dir: str = _f("", "a finished SFT run for --seed to reuse; empty = train it")
     prefs_dir: str = _f("", "a finished prefs run for --seed to reuse; empty = generate it")
     reward_dir: str = _f("", "a finished reward run for --seed to reuse; empty = train it")
+    prefs_path: str = _f("", "preference pairs of your own for every seed's reward and "
+                             "preference runs (see `rlhf-toy reward --help`); no prefs stage")
+    prompts_path: str = _f("", "prompts of your own for every on-policy run and the evaluation; "
+                               "no gold reward: methods are measured by proxy reward and KL")
     method_dirs: list[str] = _f([], "METHOD=DIR: a finished main run of METHOD for --seed to "
                                     "reuse; the other seeds repeat its settings")
     config_dir: str = _f("", "per-stage YAML files for the runs compare trains without a "
@@ -471,6 +475,8 @@ class CompareConfig(CommonConfig, SamplingConfig):
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)
         self._check_sampling()
+        if self.prefs_path:  # a user's pairs replace the prefs stage
+            self.prefs_dir = ""
         for name in self.methods:
             check(name in METHODS, "methods", f"a list from {sorted(METHODS)}", self.methods)
         check(bool(self.methods) and len(set(self.methods)) == len(self.methods), "methods",

@@ -1,7 +1,9 @@
 """A user's data: `--prefs_path` in every file format and both TRL formats, pairs without
 gold rewards, unknown words, `--prompts_path` without a task, and every error's line."""
 
+import contextlib
 import csv
+import io
 import json
 import os
 import random
@@ -236,60 +238,120 @@ def test_gold_less_handmade_prefs_dir_trains_reward_without_crash(tiny_run, tmp_
     assert os.path.isfile(tmp_path / "reward" / "model.safetensors")
 
 
-def test_reward_and_dpo_from_a_jsonl_file_without_gold(tiny_run, tmp_path, capsys):
-    """reward then dpo on the tiny run's pairs exported to JSONL without gold: both train
-    (held-out pair accuracy above chance), the reward summary has no gold ceiling, and
-    dpo measures gold on the task's held-out prompts as before."""
-    out, summaries = tiny_run
-    path = export_jsonl(os.path.join(out, "prefs"), str(tmp_path / "pairs.jsonl"))
-    code = main(["reward", "--sft_dir", os.path.join(out, "sft"), "--prefs_path", path,
-                 "--output_dir", str(tmp_path / "reward"), "--device", "cpu",
-                 "--max_steps", "60", "--batch_size", "32", "--audit_steps", "0"])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert code == 0 and line.endswith(NO_GOLD) and "eval_accuracy=" in line
-    reward = json.load(open(tmp_path / "reward" / "summary.json"))
+@pytest.fixture(scope="module")
+def user_runs(tiny_run, tmp_path_factory):
+    """A user's data on the tiny run's SFT model: the tiny run's pairs as a JSONL file
+    without gold, 40 task prompts as a text file (no task: no gold). reward (60 steps) and
+    dpo (20 steps, task prompts) from the JSONL; ppo (4 iterations) and a dpo (4 steps)
+    evaluated on the text file's prompts. Returns (dirs, stage lines printed)."""
+    out, _ = tiny_run
+    root = tmp_path_factory.mktemp("user_runs")
+    pairs = export_jsonl(os.path.join(out, "prefs"), str(root / "pairs.jsonl"))
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(get_task("sentiment").sample_prompts(40, random.Random(5))))
+    sft = ["--sft_dir", os.path.join(out, "sft"), "--device", "cpu"]
+    runs = {"reward": [*sft, "--prefs_path", pairs, "--max_steps", "60", "--batch_size", "32",
+                       "--audit_steps", "0"],
+            "dpo": [*sft, "--prefs_path", pairs, "--reward_dir", str(root / "reward"),
+                    "--max_steps", "20", "--eval_steps", "0", "--n_eval_prompts", "32"],
+            "ppo": [*sft, "--reward_dir", str(root / "reward"), "--prompts_path", str(prompts),
+                    "--max_steps", "4", "--batch_size", "16", "--mini_batch_size", "8",
+                    "--n_eval_prompts", "8", "--eval_steps", "2", "--inspect_steps", "2"],
+            "dpo_prompts": [*sft, "--prefs_path", pairs, "--reward_dir", str(root / "reward"),
+                            "--prompts_path", str(prompts), "--max_steps", "4",
+                            "--eval_steps", "0", "--n_eval_prompts", "8"]}
+    lines, dirs = {}, {"pairs": pairs, "prompts": str(prompts), "sft": sft[1]}
+    for name, argv in runs.items():
+        dirs[name] = str(root / name)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            assert main([name.split("_")[0], *argv, "--output_dir", dirs[name]]) == 0, name
+        lines[name] = printed.getvalue().strip().splitlines()[-1]
+    return dirs, lines
+
+
+def summary_of(run_dir: str) -> dict:
+    return json.load(open(os.path.join(run_dir, "summary.json")))
+
+
+def test_reward_and_dpo_from_a_jsonl_file_without_gold(user_runs):
+    """Both train on the gold-less JSONL (held-out pair accuracy well above chance; the
+    prefs_dir run of the same pairs reaches > 0.6 too), the reward summary has no gold
+    ceiling and its line says so; dpo measures gold on the task's prompts as before."""
+    dirs, lines = user_runs
+    reward, dpo = summary_of(dirs["reward"]), summary_of(dirs["dpo"])
+    assert lines["reward"].startswith("[reward] eval_accuracy=") and lines["reward"].endswith(
+        NO_GOLD)
     assert "gold_accuracy" not in reward and reward["train_pairs"] == 800
-    assert reward["eval_accuracy"] > 0.6  # the prefs_dir run of the same pairs: > 0.6 too
-    dpo = run_stage("dpo", str(tmp_path), "--sft_dir", os.path.join(out, "sft"),
-                    "--prefs_path", path, "--reward_dir", str(tmp_path / "reward"),
-                    "--max_steps", "20", "--eval_steps", "0", "--n_eval_prompts", "32")
+    assert reward["eval_accuracy"] > 0.6
     assert dpo["eval_accuracy"] > dpo["eval_accuracy_before"] + 0.05
     assert "gold_reward_after" in dpo and "gold" not in dpo
 
 
-def test_ppo_and_dpo_from_prompts_path_say_no_gold_reward(tiny_run, tmp_path, capsys):
-    out, _ = tiny_run
-    task = get_task("sentiment")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(task.sample_prompts(40, random.Random(5))) + "\n")
-    code = main(["ppo", "--sft_dir", os.path.join(out, "sft"), "--reward_dir",
-                 os.path.join(out, "reward"), "--prompts_path", str(prompts), "--output_dir",
-                 str(tmp_path / "ppo"), "--device", "cpu", "--max_steps", "4", "--batch_size",
-                 "16", "--mini_batch_size", "8", "--n_eval_prompts", "8", "--eval_steps", "2",
-                 "--inspect_steps", "2"])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert code == 0 and line.startswith("[ppo] proxy_reward_after=") and NO_GOLD in line
-    summary = json.load(open(tmp_path / "ppo" / "summary.json"))
-    assert summary["gold"] == NO_GOLD and "gold_reward_after" not in summary
-    rows = [json.loads(x) for x in open(tmp_path / "ppo" / "metrics.jsonl")]
+def test_ppo_and_dpo_from_prompts_path_say_no_gold_reward(user_runs):
+    dirs, lines = user_runs
+    assert lines["ppo"].startswith("[ppo] proxy_reward_after=") and NO_GOLD in lines["ppo"]
+    for name in ("ppo", "dpo_prompts"):
+        summary = summary_of(dirs[name])
+        assert summary["gold"] == NO_GOLD and "gold_reward_before" not in summary, name
+    rows = [json.loads(x) for x in open(os.path.join(dirs["ppo"], "metrics.jsonl"))]
     assert not any("gold" in r or "eval_gold" in r for r in rows)
     assert [r["step"] for r in rows if "eval_proxy" in r] == [2, 4]
-    snapshot = json.load(open(tmp_path / "ppo" / "inspect" / "step_2.json"))
+    snapshot = json.load(open(os.path.join(dirs["ppo"], "inspect", "step_2.json")))
     assert snapshot["samples"][0]["gold"] is None
-    # inspect draws from the run's held-out prompts and shows no gold
-    code = main(["inspect", "--checkpoint", str(tmp_path / "ppo"), "--n", "2", "--html",
+
+
+def test_inspect_of_a_prompts_path_run_shows_no_gold(user_runs, tmp_path, capsys):
+    """inspect samples the run's held-out prompts and shows no gold number anywhere."""
+    dirs, _ = user_runs
+    code = main(["inspect", "--checkpoint", dirs["ppo"], "--n", "2", "--html",
                  str(tmp_path / "i.html")])
     text = capsys.readouterr().out
-    # two sample headers and the stage line, no gold number anywhere
+    # two sample headers and the stage line
     assert code == 0 and text.count(NO_GOLD) == 3 and re.search(r"gold[ =]\d", text) is None
     assert NO_GOLD in (tmp_path / "i.html").read_text()
-    assert main(["inspect", "--checkpoint", str(tmp_path / "ppo"), "--n", "4", "--json",
+    assert main(["inspect", "--checkpoint", dirs["ppo"], "--n", "4", "--json",
                  str(tmp_path / "i.json")]) == 0
-    _, held_out = split_prompts(load_prompts(str(prompts), None), 8, "x")
+    _, held_out = split_prompts(load_prompts(dirs["prompts"], None), 8, "x")
     report = json.loads((tmp_path / "i.json").read_text())
     assert all(s["prompt"] in held_out and s["gold"] is None for s in report["samples"])
-    dpo = run_stage("dpo", str(tmp_path), "--sft_dir", os.path.join(out, "sft"),
-                    "--prefs_dir", os.path.join(out, "prefs"), "--reward_dir",
-                    os.path.join(out, "reward"), "--prompts_path", str(prompts),
-                    "--max_steps", "2", "--eval_steps", "0", "--n_eval_prompts", "8")
-    assert dpo["gold"] == NO_GOLD and "gold_reward_before" not in dpo
+
+
+def test_compare_without_gold_reports_no_gold_reward(user_runs, tmp_path):
+    """compare of the gold-less ppo and dpo runs (reused, one seed, no sweep): no gold
+    numbers in summary.json, report.md or report.html, which say "no gold reward"; the
+    frontier is proxy reward against KL."""
+    dirs, _ = user_runs
+    out = tmp_path / "compare"
+    code = main(["compare", "--sft_dir", dirs["sft"], "--reward_dir", dirs["reward"],
+                 "--prefs_path", dirs["pairs"], "--prompts_path", dirs["prompts"],
+                 "--method_dirs", f"ppo={dirs['ppo']}", f"dpo={dirs['dpo_prompts']}",
+                 "--methods", "ppo", "dpo", "--seeds", "0", "--sweep", "false",
+                 "--n_eval_prompts", "8", "--output_dir", str(out), "--device", "cpu"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["gold"] == NO_GOLD and not any("gold_reward" in k for k in summary)
+    for name in ("sft", "ppo", "dpo"):
+        assert "gold_reward" not in summary[name] and "win_rate_vs_ref" not in summary[name]
+        assert summary[name]["kl_to_ref"] == summary[name]["per_seed"][0]["kl_to_ref"]
+    report = (out / "report.md").read_text()
+    assert NO_GOLD in report and "gold reward |" not in report
+    assert "| method | beta | proxy reward | KL to ref | response length |" in report
+    assert "![proxy reward vs KL](frontier.png)" in report
+    page = (out / "report.html").read_text()
+    assert "No gold reward" in page and "gold reward</th>" not in page
+
+
+def test_pipeline_passes_a_users_data_and_skips_prefs():
+    from rlhf_toy.cli import PIPELINE, PipelineConfig, _stage_argv, pipeline_stages
+    from rlhf_toy.config import CompareConfig, RewardConfig
+    from rlhf_toy.train.ppo import PPOConfig
+
+    pipe = PipelineConfig(prefs_path="p.jsonl", prompts_path="q.txt")
+    assert pipeline_stages(pipe) == [s for s in PIPELINE if s != "prefs"]
+    assert pipeline_stages(PipelineConfig()) == list(PIPELINE)
+    reward = _stage_argv(pipe, "reward", RewardConfig)
+    assert reward[reward.index("--prefs_path") + 1] == "p.jsonl" and "--prompts_path" not in reward
+    ppo = _stage_argv(pipe, "ppo", PPOConfig)
+    assert ppo[ppo.index("--prompts_path") + 1] == "q.txt" and "--prefs_path" not in ppo
+    compare = _stage_argv(pipe, "compare", CompareConfig)
+    assert "--prefs_path" in compare and "--prompts_path" in compare
