@@ -164,9 +164,8 @@ def render_conversation(row: dict, tokenizer, where: str) -> dict[str, str]:
     for name in ("chosen", "rejected"):
         _check_messages(row[name], name, where)
         full[name] = tokenizer.apply_chat_template(row["prompt"] + row[name], tokenize=False)
-    for text in full.values():  # keep the common prefix (TRL: templates that render apart)
-        prompt = prompt[:next((i for i, (a, b) in enumerate(zip(prompt, text, strict=False))
-                               if a != b), min(len(prompt), len(text)))]
+    # the prompt is the common prefix (TRL: a template may render the prompt alone apart)
+    prompt = os.path.commonprefix([prompt, *full.values()])
     out = {"prompt": prompt}
     eos = tokenizer.eos_token or ""
     for name, text in full.items():  # the EOS is appended again when tokenized
@@ -261,6 +260,11 @@ def load_preference_file(path: str, tokenizer, test_fraction: float,
     if len(out["train"]) < 2:
         raise UsageError(f"{where} holds 1 pair; a held-out part needs at least 2")
     return split_off_test(out["train"], test_fraction, seed)
+
+
+def prefs_source(cfg) -> str:
+    """How errors name a stage's pairs: `prefs_path 'PATH'`, or the prefs_dir path."""
+    return f"prefs_path {cfg.prefs_path!r}" if cfg.prefs_path else cfg.prefs_dir
 
 
 def load_preference_data(cfg, tokenizer) -> DatasetDict:

@@ -32,7 +32,7 @@ from accelerate.utils import DistributedType
 from rlhf_toy.config import DPOConfig
 from rlhf_toy.core import PREFERENCE_LOSSES, logprobs_from_logits
 from rlhf_toy.data import select_batch, tokenize_preferences
-from rlhf_toy.datafiles import file_prompts, load_preference_data
+from rlhf_toy.datafiles import file_prompts, load_preference_data, prefs_source
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy, gold_summary
 from rlhf_toy.models import freeze, load_policy, load_reward_model, response_logits
 from rlhf_toy.sharding import sampling_policy
@@ -289,7 +289,7 @@ def build_context(cfg: DPOConfig, acc) -> DPOContext:
     with acc.autocast():
         train, test = (preference_tensors(prefs[split], tokenizer, ref_model, acc.device,
                                           cfg.truncate_prompts,
-                                          f"{cfg.prefs_path or cfg.prefs_dir} ({split})",
+                                          f"{prefs_source(cfg)} ({split})",
                                           PREFERENCE_LOSSES[cfg.loss_type].reference_free)
                        for split in ("train", "test"))
     return DPOContext(task, tokenizer, ref_model, reward_model, train, test, held_out,

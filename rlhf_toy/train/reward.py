@@ -21,7 +21,7 @@ import torch
 from rlhf_toy.config import RewardConfig
 from rlhf_toy.core import bradley_terry_loss
 from rlhf_toy.data import gold_accuracy, has_gold, select_batch, tokenize_preferences
-from rlhf_toy.datafiles import load_preference_data
+from rlhf_toy.datafiles import load_preference_data, prefs_source
 from rlhf_toy.evaluate import NO_GOLD
 from rlhf_toy.models import AUDIT_DIR, reward_model_from_policy, reward_scores
 from rlhf_toy.tokenizer import load_tokenizer
@@ -95,7 +95,7 @@ def run_reward(cfg: RewardConfig) -> dict:
     model = reward_model_from_policy(cfg.sft_dir, cfg.head_init_std)
     check_vocab(tokenizer, cfg.sft_dir, model)
     fit = {"n_positions": model.config.n_positions, "truncate_prompts": cfg.truncate_prompts}
-    source = cfg.prefs_path or cfg.prefs_dir
+    source = prefs_source(cfg)
     train_c, train_r = tokenize_preferences(tokenizer, prefs["train"], acc.device, **fit,
                                             what=f"{source} (train)")
     test_c, test_r = tokenize_preferences(tokenizer, prefs["test"], acc.device, **fit,
