@@ -348,3 +348,30 @@ def file_prompts(path: str, tokenizer, n_eval: int, n_positions: int | None,
                          f"tokens) and its response fit n_positions={n_positions} "
                          f"(got {max_new_tokens})")
     return split_prompts(prompts, n_eval, where)
+
+
+def stage_prompts(cfg, task, tokenizer, n_positions: int | None):
+    """(training prompt sampler, held-out prompts) of a stage: the task and its fixed
+    evaluation prompts, or (task None) `file_prompts` of `cfg.prompts_path`."""
+    from rlhf_toy.evaluate import eval_prompts
+
+    if task is not None:
+        return task, eval_prompts(task, cfg.n_eval_prompts)
+    return file_prompts(cfg.prompts_path, tokenizer, cfg.n_eval_prompts, n_positions,
+                        cfg.max_new_tokens)
+
+
+def run_prompts(checkpoint: str, task_name: str, tokenizer):
+    """(task or None, prompt sampler) that `inspect` draws a finished run's prompts from:
+    its task, or the held-out part of its `prompts_path` (no task, no gold reward)."""
+    from rlhf_toy.tasks import get_task
+    from rlhf_toy.train.rundir import read_run_config
+
+    run = read_run_config(checkpoint)
+    path = run.get("prompts_path", "")
+    if not path:
+        task = get_task(task_name)
+        return task, task
+    _, held_out = split_prompts(load_prompts(path, tokenizer), run["n_eval_prompts"],
+                                f"prompts_path {path!r}")
+    return None, PromptList(held_out)

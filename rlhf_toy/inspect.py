@@ -53,10 +53,10 @@ import torch
 
 from rlhf_toy.config import _f, check
 from rlhf_toy.credit import group_size, load_credits, read_checkpoint
+from rlhf_toy.datafiles import run_prompts
 from rlhf_toy.errors import UsageError
 from rlhf_toy.evaluate import NO_GOLD
 from rlhf_toy.rollout import decode_responses, encode_prompts, sample
-from rlhf_toy.tasks import get_task
 from rlhf_toy.train.memory import check_memory
 
 COLUMNS = ("token", "logprob", "ref_logprob", "kl", "reward", "value", "return", "advantage")
@@ -156,7 +156,7 @@ def inspect_methods(checkpoints: list[str], n: int = 4, prompt: str = "", seed: 
     check(n % group == 0, "n", f"a multiple of {group} (completions are scored in groups of "
           "num_generations per prompt)", n)
     first, tokenizer = credits[0].sampling, credits[0].tokenizer
-    task, prompt_source = _prompt_source(checkpoints[0], credits[0].task_name, tokenizer)
+    task, prompt_source = run_prompts(checkpoints[0], credits[0].task_name, tokenizer)
     prompts = _prompts(prompt_source, tokenizer, first.policy, n, prompt, seed,
                        first.max_new_tokens, group)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, dev)
@@ -167,22 +167,6 @@ def inspect_methods(checkpoints: list[str], n: int = 4, prompt: str = "", seed: 
     gold = None if task is None else task.gold_batch(
         prompts, decode_responses(tokenizer, s.response_ids, s.mask))
     return [c.report(s, prompts, gold) for c in credits]
-
-
-def _prompt_source(checkpoint: str, task_name: str, tokenizer):
-    """(task, prompt sampler) of a run: its task twice, or (None, the held-out part of its
-    `prompts_path`) for a run trained on a user's prompts, which has no gold reward."""
-    from rlhf_toy.datafiles import PromptList, load_prompts, split_prompts
-    from rlhf_toy.train.rundir import read_run_config
-
-    run = read_run_config(checkpoint)
-    path = run.get("prompts_path", "")
-    if not path:
-        task = get_task(task_name)
-        return task, task
-    _, held_out = split_prompts(load_prompts(path, tokenizer), run["n_eval_prompts"],
-                                f"prompts_path {path!r}")
-    return None, PromptList(held_out)
 
 
 def gold_text(rec: dict) -> str:

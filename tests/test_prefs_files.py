@@ -192,6 +192,34 @@ def test_bad_prefs_files_exit_2_with_one_line_before_training(case, tiny_run, tm
     assert not os.path.exists(tmp_path / "r" / "metrics.jsonl")  # failed before training
 
 
+BAD_PROMPTS = {  # name: (file name, contents, the error's words)
+    "unknown word": ("a.txt", "the movie was\nHuman: hello there\n",
+                     "row 1: 'prompt' holds 'Human:', a word outside the tokenizer's vocabulary"),
+    "too long": ("b.txt", "the movie was\n" + "the " * 30 + "\n",
+                 "max_new_tokens must be <= 2 so that the longest prompt of prompts_path"),
+    "one prompt": ("c.txt", "the movie was\n", "holds 1 prompt; training and a held-out part "
+                                                "need at least 2"),
+    "no prompt column": ("d.jsonl", '{"text": "the movie was"}\n',
+                         "row 0: 'prompt' must be a non-empty string (got None)"),
+    "unknown extension": ("e.yaml", "- the movie was\n", "prompts_path must be a .jsonl, .json, "
+                                                         ".csv, .parquet, .txt file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROMPTS))
+def test_bad_prompts_files_exit_2_with_one_line_before_training(case, tiny_run, tmp_path,
+                                                                capsys):
+    out, _ = tiny_run
+    name, text, message = BAD_PROMPTS[case]
+    (tmp_path / name).write_text(text)
+    code = main(["ppo", "--sft_dir", os.path.join(out, "sft"), "--reward_dir",
+                 os.path.join(out, "reward"), "--prompts_path", str(tmp_path / name),
+                 "--output_dir", str(tmp_path / "p"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not os.path.exists(tmp_path / "p" / "metrics.jsonl")
+
+
 def test_missing_prefs_path_and_prompts_path(tiny_run, tmp_path, capsys):
     out, _ = tiny_run
     code, err = _reward(capsys, os.path.join(out, "sft"), tmp_path / "r", str(tmp_path / "no.jsonl"))

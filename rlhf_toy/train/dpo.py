@@ -32,8 +32,8 @@ from accelerate.utils import DistributedType
 from rlhf_toy.config import DPOConfig
 from rlhf_toy.core import PREFERENCE_LOSSES, logprobs_from_logits
 from rlhf_toy.data import select_batch, tokenize_preferences
-from rlhf_toy.datafiles import file_prompts, load_preference_data, prefs_source
-from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy, gold_summary
+from rlhf_toy.datafiles import load_preference_data, prefs_source, stage_prompts
+from rlhf_toy.evaluate import SamplingArgs, evaluate_policy, gold_summary
 from rlhf_toy.models import freeze, load_policy, load_reward_model, response_logits
 from rlhf_toy.sharding import sampling_policy
 from rlhf_toy.tasks import get_task
@@ -282,10 +282,8 @@ def build_context(cfg: DPOConfig, acc) -> DPOContext:
     tokenizer = load_tokenizer(cfg.sft_dir)
     check_vocab(tokenizer, cfg.sft_dir, ref_model, reward_model)
     prefs = load_preference_data(cfg, tokenizer)
-    held_out = (eval_prompts(task, cfg.n_eval_prompts) if task is not None else
-                file_prompts(cfg.prompts_path, tokenizer, cfg.n_eval_prompts,
-                             getattr(ref_model.config, "n_positions", None),
-                             cfg.max_new_tokens)[1])
+    _, held_out = stage_prompts(cfg, task, tokenizer,
+                                getattr(ref_model.config, "n_positions", None))
     with acc.autocast():
         train, test = (preference_tensors(prefs[split], tokenizer, ref_model, acc.device,
                                           cfg.truncate_prompts,

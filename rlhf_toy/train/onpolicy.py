@@ -34,8 +34,8 @@ from rlhf_toy.core import (
     masked_mean,
     masked_var,
 )
-from rlhf_toy.datafiles import file_prompts
-from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy, gold_summary
+from rlhf_toy.datafiles import stage_prompts
+from rlhf_toy.evaluate import SamplingArgs, evaluate_policy, gold_summary
 from rlhf_toy.models import (
     AUDIT_DIR,
     CriticFreePolicy,
@@ -331,12 +331,8 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
         check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
     model, unwrapped, optimizer, ref_model, reward_model, tokenizer = build_models(method, cfg,
                                                                                   acc)
-    if task is None:
-        prompt_source, held_out = file_prompts(cfg.prompts_path, tokenizer, cfg.n_eval_prompts,
-                                               getattr(ref_model.config, "n_positions", None),
-                                               cfg.max_new_tokens)
-    else:
-        prompt_source, held_out = task, eval_prompts(task, cfg.n_eval_prompts)
+    prompt_source, held_out = stage_prompts(cfg, task, tokenizer,
+                                            getattr(ref_model.config, "n_positions", None))
     kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.beta))
     audit_model = load_audit_model(cfg)
