@@ -12,6 +12,7 @@ import re
 import pytest
 from conftest import run_stage
 from datasets import Dataset, DatasetDict
+from user_data import save_bpe_gpt2, write_task_pairs
 
 from rlhf_toy.cli import main
 from rlhf_toy.datafiles import load_preference_file, load_prompts, split_prompts
@@ -383,3 +384,32 @@ def test_pipeline_passes_a_users_data_and_skips_prefs():
     assert ppo[ppo.index("--prompts_path") + 1] == "q.txt" and "--prefs_path" not in ppo
     compare = _stage_argv(pipe, "compare", CompareConfig)
     assert "--prefs_path" in compare and "--prompts_path" in compare
+
+
+def test_reward_dpo_ppo_from_jsonl_on_a_tiny_bpe_gpt2(tmp_path, capsys):
+    """A user's setting end to end: a byte-level BPE GPT-2 directory (random init, no
+    unknown token: no word check), 200 gold-less pairs as JSONL, 40 prompts as text.
+    reward, dpo and ppo each run, save a model and say "no gold reward"; dpo's implicit
+    reward and the reward model are scored on the same held-out pairs."""
+    task = get_task("sentiment")
+    model_dir = str(tmp_path / "model")
+    save_bpe_gpt2(task, model_dir)
+    pairs = write_task_pairs(task, str(tmp_path / "pairs.jsonl"), 200)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(task.sample_prompts(40, random.Random(1))) + "\n")
+    common = ["--sft_dir", model_dir, "--device", "cpu"]
+    runs = [["reward", "--prefs_path", pairs, "--max_steps", "20", "--audit_steps", "0"],
+            ["dpo", "--prefs_path", pairs, "--reward_dir", str(tmp_path / "reward"),
+             "--prompts_path", str(prompts), "--max_steps", "10", "--eval_steps", "0",
+             "--n_eval_prompts", "8"],
+            ["ppo", "--reward_dir", str(tmp_path / "reward"), "--prompts_path", str(prompts),
+             "--max_steps", "2", "--batch_size", "8", "--mini_batch_size", "4",
+             "--n_eval_prompts", "8"]]
+    for stage, *argv in runs:
+        out = str(tmp_path / stage)
+        assert main([stage, *common, *argv, "--output_dir", out]) == 0, stage
+        assert capsys.readouterr().out.strip().endswith(NO_GOLD), stage
+        assert os.path.isfile(os.path.join(out, "model.safetensors")), stage
+    reward, dpo = summary_of(str(tmp_path / "reward")), summary_of(str(tmp_path / "dpo"))
+    assert reward["train_pairs"] == 160 and reward["test_pairs"] == 40  # 20 % held out
+    assert dpo["train_pairs"] == 160 and dpo["gold"] == NO_GOLD

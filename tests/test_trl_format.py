@@ -5,10 +5,12 @@ prompt and conversational)."""
 import copy
 import json
 import os
+import random
 
 import pytest
 import torch
 from datasets import Dataset
+from user_data import bpe_tokenizer
 
 from rlhf_toy.data import load_preferences, tokenize_pairs
 from rlhf_toy.datafiles import load_preference_file
@@ -92,6 +94,16 @@ def test_trl_tokenizes_our_pairs_as_we_do(prefs):
     differ = sum(a != b for a, b in zip(trl_glued, ours, strict=True))
     assert differ == N_PAIRS  # every pair
     assert any(tok.unk_token_id in p + c for p, c, _ in trl_glued)
+
+
+def test_trl_tokenizes_our_pairs_as_we_do_with_a_bpe_tokenizer(prefs):
+    """The same with a byte-level BPE tokenizer (GPT-2's kind, no unknown token), where
+    the leading space is part of the response's first token ("Ġvery")."""
+    data, _ = prefs
+    task = get_task("sentiment")
+    tok = bpe_tokenizer([f"{p} {r}" for p, r in task.sft_corpus(2000, random.Random(0))])
+    assert tok.tokenize(" very good .")[0] == "Ġvery"
+    assert trl_tokens(tok, data) == our_tokens(tok, data)
 
 
 def test_trl_tokenizes_a_users_file_as_we_do(tmp_path):
