@@ -270,7 +270,7 @@ def rollout_stats(batch: Rollout, gold: list[float] | None,
 
 
 def iteration_prompts(task, cfg: OnPolicyConfig, it_seed: int) -> list[str]:
-    """batch_size / num_generations prompts of `task` (a task, or `datafiles.FilePrompts`),
+    """batch_size / num_generations prompts of `task` (a task, or a user's `datafiles.PromptList`),
     each repeated num_generations times in a row (a group's completions are contiguous)."""
     prompts = task.sample_prompts(cfg.batch_size // cfg.num_generations, random.Random(it_seed))
     return [p for p in prompts for _ in range(cfg.num_generations)]
@@ -394,8 +394,9 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
         if it % cfg.logging_steps == 0 or it == cfg.max_steps or "eval_proxy" in row:
             log.write(it, **row)
         ckpt.maybe_save(it, state)
-        bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}",
-                        **({"gold": f"{row['gold']:.2f}"} if "gold" in row else {}))
+        bar.set_postfix(score=f"{row['score']:.2f}",
+                        **({"gold": f"{row['gold']:.2f}"} if "gold" in row else {}),
+                        kl=f"{row['kl']:.2f}")
         bar.update(1)
     bar.close()
     return finish(cfg, acc, unwrapped, tokenizer, log, before, evaluate(), monitor, t0)
