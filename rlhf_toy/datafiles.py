@@ -4,10 +4,12 @@ Files are read as rows: JSONL (one object a line), JSON (a list of objects), CSV
 line), Parquet, or a directory written by `datasets` (`save_to_disk`; a `DatasetDict` or
 a `Dataset`). Prompts may also be a plain text file, one prompt a line.
 
-Preference rows follow TRL's two preference formats:
+Preference rows follow TRL's preference formats:
 - explicit prompt: `prompt`, `chosen`, `rejected` strings;
 - conversational: `prompt` a list of {"role", "content"} messages, `chosen` and `rejected`
-  lists of the assistant's messages. They are rendered with the tokenizer's chat template
+  lists of the assistant's messages;
+- either one with an implicit prompt: `chosen` and `rejected` only, the prompt being the
+  start they share (split as TRL's `extract_prompt` does). They are rendered with the tokenizer's chat template
   as TRL's `maybe_apply_chat_template` does: the prompt with the generation prompt, each
   response as the text the template adds after that prompt (the common prefix of the
   rendered prompt and the rendered conversation is the prompt).
@@ -175,11 +177,18 @@ def render_conversation(row: dict, tokenizer, where: str) -> dict[str, str]:
 
 
 def _preference_row(row: dict, i: int, tokenizer, where: str) -> dict:
-    """One source row as string columns (and gold floats where given)."""
-    missing = [c for c in PREFERENCE_COLUMNS if c not in row or row[c] is None]
+    """One source row as string columns (and gold floats where given). Without a `prompt`
+    the prompt is the start `chosen` and `rejected` share (TRL's implicit-prompt format,
+    split by TRL's own `extract_prompt`)."""
+    missing = [c for c in PREFERENCE_COLUMNS if row.get(c) is None]
+    if missing and missing != ["prompt"]:
+        raise UsageError(f"{where} row {i} lacks column {missing[-1]!r}; needs "
+                         f"{list(PREFERENCE_COLUMNS)} (TRL's explicit-prompt format), or "
+                         "['chosen', 'rejected'] sharing their prompt")
     if missing:
-        raise UsageError(f"{where} row {i} lacks column {missing[0]!r}; needs "
-                         f"{list(PREFERENCE_COLUMNS)} (TRL's explicit-prompt format)")
+        from trl.data_utils import extract_prompt
+
+        row = {**row, **extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})}
     if isinstance(row["prompt"], list):
         out = render_conversation(row, tokenizer, f"{where} row {i}")
     else:

@@ -22,7 +22,7 @@ from rlhf_toy.tokenizer import build_tokenizer
 
 PAIRS = [("the movie was", " great .", " bad ."), ("the plot is", " very good .", " dull ."),
          ("the cast felt", " wonderful !", " awful !"), ("the music seemed", " fun .", " loud ."),
-         ("the ending was", " brilliant .", " boring .")]
+         ("the ending was", " brilliant .", " dull .")]
 ROWS = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
 # user: / assistant: turns, the reply ended by EOS (as many chat templates do)
 TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}user: {{ m.content }} "
@@ -86,6 +86,22 @@ def test_every_format_loads_the_same_pairs(kind, tmp_path, tokenizer):
     assert pairs_of(data) == [(i, *pair) for i, pair in enumerate(PAIRS)]
     assert len(data["test"]) == 1 and len(data["train"]) == 4  # round(5 * 0.2) held out
     assert "chosen_gold" not in data["train"].column_names
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_implicit_prompt_rows_load_the_same_pairs(chat, tmp_path, tokenizer, chat_tokenizer):
+    """TRL's implicit-prompt format: "the movie was great ." / "the movie was bad ." share
+    "the movie was", the responses keep their leading space (TRL's `extract_prompt`);
+    conversational rows share their user turn."""
+    rows = conversational(ROWS) if chat else ROWS
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                for r in rows]
+    tok = chat_tokenizer if chat else tokenizer
+    load = [load_preference_file(write(tmp_path / f"{name}.jsonl", data, "jsonl"), tok, 0.2, 0)
+            for name, data in (("explicit", rows), ("implicit", implicit))]
+    assert pairs_of(load[0]) == pairs_of(load[1])
+    assert pairs_of(load[1])[1][1:] == ((("user: the plot is assistant:", " very good .",
+                                          " dull .")) if chat else PAIRS[1])
 
 
 def test_conversational_rows_render_as_trl_does(tmp_path, chat_tokenizer):
@@ -176,6 +192,11 @@ BAD_FILES = {  # name: (file name, contents, the error's words)
                                   '"rejected": " bad ."}\n' * 2,
                        "row 0: prompt + 'chosen' ('the plot wasvery good .') tokenizes "
                        "differently joined (as TRL does) than apart; start 'chosen' with a space"),
+    # TRL's extract_prompt splits implicit prompts by character: here inside "b|rilliant"
+    "implicit prompt inside a word": ("i.jsonl", '{"chosen": "the ending was brilliant .", '
+                                                 '"rejected": "the ending was boring ."}\n' * 2,
+                                      "row 0: prompt + 'chosen' ('the ending was brilliant .') "
+                                      "tokenizes differently joined"),
     "too long": ("h.jsonl", json.dumps({"prompt": "the movie was " + "very " * 30,
                                         "chosen": " good .", "rejected": " bad ."}) + "\n"
                             + json.dumps(ROWS[0]) + "\n",
