@@ -104,6 +104,17 @@ def test_implicit_prompt_rows_load_the_same_pairs(chat, tmp_path, tokenizer, cha
                                           " dull .")) if chat else PAIRS[1])
 
 
+@pytest.mark.parametrize("kind", ["json", "parquet", "dataset"])
+def test_conversational_rows_load_alike_from_every_format(kind, tmp_path, chat_tokenizer):
+    rows = conversational(ROWS)
+    ext = "" if kind == "dataset" else f".{kind}"
+    got, want = (load_preference_file(write(tmp_path / f"c{ext}", rows, kind), chat_tokenizer,
+                                      0.2, 0),
+                 load_preference_file(write(tmp_path / "c.jsonl", rows, "jsonl"),
+                                      chat_tokenizer, 0.2, 0))
+    assert pairs_of(got) == pairs_of(want)
+
+
 def test_conversational_rows_render_as_trl_does(tmp_path, chat_tokenizer):
     """With the template above, prompt [user "the movie was"] renders with the generation
     prompt as "user: the movie was assistant:", the conversation adds " great .[EOS]"; the
