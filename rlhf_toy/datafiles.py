@@ -7,12 +7,12 @@ a `Dataset`). Prompts may also be a plain text file, one prompt a line.
 Preference rows follow TRL's preference formats:
 - explicit prompt: `prompt`, `chosen`, `rejected` strings;
 - conversational: `prompt` a list of {"role", "content"} messages, `chosen` and `rejected`
-  lists of the assistant's messages;
+  lists of the assistant's messages, rendered with the tokenizer's chat template as TRL's
+  `maybe_apply_chat_template` does: the prompt with the generation prompt, each response
+  as the text the template adds after that prompt (the common prefix of the rendered
+  prompt and the rendered conversation is the prompt);
 - either one with an implicit prompt: `chosen` and `rejected` only, the prompt being the
-  start they share (split as TRL's `extract_prompt` does). They are rendered with the tokenizer's chat template
-  as TRL's `maybe_apply_chat_template` does: the prompt with the generation prompt, each
-  response as the text the template adds after that prompt (the common prefix of the
-  rendered prompt and the rendered conversation is the prompt).
+  start they share (split by TRL's own `extract_prompt`).
 
 Every response ends with the tokenizer's EOS token when it is tokenized
 (`data.tokenize_pairs`), so a trailing EOS the template writes is taken off the text.
@@ -35,8 +35,17 @@ import random
 
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from rlhf_toy.data import GOLD_COLUMNS, PREFERENCE_COLUMNS, check_preference_rows
+from rlhf_toy.data import (
+    GOLD_COLUMNS,
+    PREFERENCE_COLUMNS,
+    check_known_words,
+    check_preference_rows,
+    load_preferences,
+)
 from rlhf_toy.errors import UsageError
+from rlhf_toy.evaluate import EVAL_PROMPT_SEED, eval_prompts
+from rlhf_toy.tasks import get_task
+from rlhf_toy.train.rundir import read_run_config
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
               ".txt": "text"}
@@ -279,8 +288,6 @@ def prefs_source(cfg) -> str:
 def load_preference_data(cfg, tokenizer) -> DatasetDict:
     """The pairs of a stage: `cfg.prefs_path` (a user's file) if given, else `cfg.prefs_dir`
     (a dataset written by `rlhf-toy prefs`)."""
-    from rlhf_toy.data import load_preferences
-
     if cfg.prefs_path:
         return load_preference_file(cfg.prefs_path, tokenizer, cfg.test_fraction, cfg.seed)
     return load_preferences(cfg.prefs_dir)
@@ -329,8 +336,6 @@ def split_prompts(prompts: list[str], n_eval: int, where: str) -> tuple[PromptLi
     prompts drawn with the evaluation seed (`evaluate.EVAL_PROMPT_SEED`, whatever the
     training seed), so every stage and `inspect` evaluate on the same ones. Both parts keep
     the file's order."""
-    from rlhf_toy.evaluate import EVAL_PROMPT_SEED
-
     if len(prompts) < 2:
         raise UsageError(f"{where} holds {len(prompts)} prompt; training and a held-out part "
                          "need at least 2")
@@ -344,8 +349,6 @@ def file_prompts(path: str, tokenizer, n_eval: int, n_positions: int | None,
                  max_new_tokens: int) -> tuple[PromptList, list[str]]:
     """`split_prompts` of `load_prompts`, checked: known words (`data.check_known_words`),
     and room for `max_new_tokens` after the longest prompt in the context `n_positions`."""
-    from rlhf_toy.data import check_known_words
-
     where = f"prompts_path {path!r}"
     prompts = load_prompts(path, tokenizer)
     check_known_words(tokenizer, prompts, "prompt", where)
@@ -362,8 +365,6 @@ def file_prompts(path: str, tokenizer, n_eval: int, n_positions: int | None,
 def stage_prompts(cfg, task, tokenizer, n_positions: int | None):
     """(training prompt sampler, held-out prompts) of a stage: the task and its fixed
     evaluation prompts, or (task None) `file_prompts` of `cfg.prompts_path`."""
-    from rlhf_toy.evaluate import eval_prompts
-
     if task is not None:
         return task, eval_prompts(task, cfg.n_eval_prompts)
     return file_prompts(cfg.prompts_path, tokenizer, cfg.n_eval_prompts, n_positions,
@@ -373,9 +374,6 @@ def stage_prompts(cfg, task, tokenizer, n_positions: int | None):
 def run_prompts(checkpoint: str, task_name: str, tokenizer):
     """(task or None, prompt sampler) that `inspect` draws a finished run's prompts from:
     its task, or the held-out part of its `prompts_path` (no task, no gold reward)."""
-    from rlhf_toy.tasks import get_task
-    from rlhf_toy.train.rundir import read_run_config
-
     run = read_run_config(checkpoint)
     path = run.get("prompts_path", "")
     if not path:
