@@ -208,9 +208,11 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
 
 
 def stage_line(stage: str, summary: dict, keys: list[str]) -> str:
-    """One line with a stage's headline numbers."""
+    """One line with a stage's headline numbers (and "no gold reward" where a run had none)."""
     parts = [f"{k}={summary[k]:.3f}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
              for k in keys if k in summary]
+    if "gold" not in keys and isinstance(summary.get("gold"), str):
+        parts.append(summary["gold"])
     return f"[{stage}] " + "  ".join(parts)
 
 

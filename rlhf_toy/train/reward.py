@@ -20,7 +20,9 @@ import torch
 
 from rlhf_toy.config import RewardConfig
 from rlhf_toy.core import bradley_terry_loss
-from rlhf_toy.data import gold_accuracy, load_preferences, select_batch, tokenize_preferences
+from rlhf_toy.data import gold_accuracy, has_gold, select_batch, tokenize_preferences
+from rlhf_toy.datafiles import load_preference_data, prefs_source
+from rlhf_toy.evaluate import NO_GOLD
 from rlhf_toy.lora import apply_lora, enable_checkpointing, save_adapter_extras
 from rlhf_toy.models import AUDIT_DIR, reward_model_from_policy, reward_scores
 from rlhf_toy.tokenizer import load_tokenizer
@@ -99,15 +101,16 @@ def train_audit(cfg: RewardConfig, acc, train: tuple[dict, dict], test: tuple[di
 
 def run_reward(cfg: RewardConfig) -> dict:
     acc, t0 = start_stage(cfg, "reward")
-    prefs = load_preferences(cfg.prefs_dir)
     tokenizer = load_tokenizer(cfg.sft_dir)
+    prefs = load_preference_data(cfg, tokenizer)  # every check before training
     model = trainable_reward_model(cfg)
     check_vocab(tokenizer, cfg.sft_dir, model)
     fit = {"n_positions": model.config.n_positions, "truncate_prompts": cfg.truncate_prompts}
+    source = prefs_source(cfg)
     train_c, train_r = tokenize_preferences(tokenizer, prefs["train"], acc.device, **fit,
-                                            what=f"{cfg.prefs_dir} (train)")
+                                            what=f"{source} (train)")
     test_c, test_r = tokenize_preferences(tokenizer, prefs["test"], acc.device, **fit,
-                                          what=f"{cfg.prefs_dir} (test)")
+                                          what=f"{source} (test)")
     n_train = len(prefs["train"])
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -143,7 +146,10 @@ def run_reward(cfg: RewardConfig) -> dict:
 
     model = acc.unwrap_model(model).eval()
     summary = evaluate_pairs(model, test_c, test_r, cfg.eval_batch_size)
-    summary["gold_accuracy"] = gold_accuracy(prefs["test"])
+    if has_gold(prefs["test"]):  # the gold ceiling, where the pairs carry gold rewards
+        summary["gold_accuracy"] = gold_accuracy(prefs["test"])
+    else:
+        summary["gold"] = NO_GOLD
     summary["train_pairs"], summary["test_pairs"] = n_train, len(prefs["test"])
     if cfg.audit_steps:
         summary.update(train_audit(cfg, acc, (train_c, train_r), (test_c, test_r)))
