@@ -12,6 +12,7 @@ derived from the attention mask so that left padding never shifts positions.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -30,6 +31,7 @@ from rlhf_toy.core import last_token_index
 from rlhf_toy.errors import UsageError
 from rlhf_toy.integrity import check_safetensors, error_reason, read_json_file, verify_manifest
 from rlhf_toy.lean_gpt2 import attention_mask_4d, lean_gpt2_hidden, lean_gpt2_supported
+from rlhf_toy.lora import holds_adapter, load_adapter_model
 
 VALUE_HEAD_FILE = "value_head.pt"
 AUDIT_DIR = "audit"  # the reward stage's audit reward model, inside its output_dir
@@ -96,6 +98,8 @@ def load_policy(path: str, kind: str = "policy") -> PreTrainedModel:
     config = _check_checkpoint(path, kind)
     _check_architecture(config, path, kind, CAUSAL_LM,
                         "causal LM policy (e.g. GPT2LMHeadModel, LlamaForCausalLM)")
+    if holds_adapter(path):  # base + LoRA adapter, merged
+        return load_adapter_model(path, kind, load_policy)
     return _from_pretrained(AutoModelForCausalLM, path, kind, config)
 
 
@@ -105,6 +109,9 @@ def load_reward_model(path: str) -> PreTrainedModel:
     _check_architecture(config, path, "reward", ("ForSequenceClassification",),
                         "sequence-classification reward model (e.g. "
                         "GPT2ForSequenceClassification)")
+    if holds_adapter(path):  # base (the SFT policy) + adapter and trained score head, merged
+        return load_adapter_model(path, "reward model",
+                                  lambda base: reward_model_from_policy(base, 0.0))
     return _from_pretrained(AutoModelForSequenceClassification, path, "reward model", config)
 
 
@@ -115,6 +122,14 @@ def reward_model_from_policy(policy_dir: str, head_init_std: float,
     config = _check_checkpoint(policy_dir, kind)
     _check_architecture(config, policy_dir, kind, CAUSAL_LM,
                         "causal LM policy (e.g. GPT2LMHeadModel, LlamaForCausalLM)")
+    if holds_adapter(policy_dir):  # an SFT adapter: the merged policy's backbone
+        policy = load_policy(policy_dir, kind)
+        config = copy.deepcopy(policy.config)
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+        model.base_model.load_state_dict(policy.base_model.state_dict())
+        nn.init.normal_(score_head(model).weight, std=head_init_std)
+        return model
     # "newly initialized: score.weight" and "layers were not sharded" are expected here
     loggers = [logging.getLogger(f"transformers.{name}")
                for name in ("modeling_utils", "distributed.tensor_parallel")]
@@ -131,14 +146,22 @@ def reward_model_from_policy(policy_dir: str, head_init_std: float,
     return model
 
 
-def score_head(reward_model: nn.Module) -> nn.Linear:
+def score_head(reward_model: nn.Module) -> nn.Module:
     """The scalar head of a `...ForSequenceClassification` reward model (`score` in every
-    causal-LM architecture of `transformers`)."""
+    causal-LM architecture of `transformers`; inside a LoRA model, its trained copy)."""
     head = getattr(reward_model, "score", None)
-    if not isinstance(head, nn.Linear):
-        raise UsageError(f"the {type(reward_model).__name__} reward model has no linear "
-                         "`score` head")
+    if not isinstance(head, nn.Module):
+        raise UsageError(f"the {type(reward_model).__name__} reward model has no `score` head")
     return head
+
+
+def backbone(reward_model: nn.Module) -> nn.Module:
+    """The transformer body of a `...ForSequenceClassification` (`base_model`: GPT-2's
+    `transformer`, Llama's `model`), also inside a LoRA `PeftModel`, whose own `base_model`
+    is the wrapper around the whole model."""
+    inner = reward_model.get_base_model() if hasattr(reward_model, "get_base_model") \
+        else reward_model
+    return inner.base_model
 
 
 def context_length(config) -> int | None:
@@ -199,7 +222,7 @@ def reward_scores(reward_model: nn.Module, prompt_ids: torch.Tensor, prompt_mask
         hidden = lean_gpt2_hidden(reward_model, inputs["input_ids"], inputs["position_ids"],
                                   mask)  # (B, L, H)
     else:
-        hidden = reward_model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, L, H)
+        hidden = backbone(reward_model)(**inputs, use_cache=False).last_hidden_state  # (B, L, H)
     last = last_token_index(inputs["attention_mask"])  # (B,) from the mask, never from ids
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return score_head(reward_model)(pooled).squeeze(-1)  # (B, 1) -> (B,)
@@ -244,7 +267,7 @@ class RewardCritic(nn.Module):
 
     def __init__(self, reward_model: PreTrainedModel):
         super().__init__()
-        self.transformer = reward_model.base_model
+        self.transformer = backbone(reward_model)
         self.value_head = nn.Linear(reward_model.config.hidden_size, 1)
         with torch.no_grad():
             self.value_head.weight.copy_(score_head(reward_model).weight)
