@@ -61,6 +61,10 @@ class Size:
     max_new_tokens: int  # response length limit (rollout, PPO, RLOO completions)
     repeats: int  # timed A/B pairs per row
     warmup: int  # untimed A/B pairs first
+    task: str = "sentiment"  # prompts and preference pairs come from this task
+    rows: tuple[str, ...] = ()  # the rows run by default; () = every row
+    trl_dpo_precompute_ref: bool = False  # DPOTrainer also precomputes the reference (equal work)
+    onpolicy_lr: float = 1e-5  # both sides' on-policy learning rate
 
 
 SIZES = {
@@ -68,6 +72,12 @@ SIZES = {
     "tiny": Size(2, 64, 4, 32, 32, 16, 4, 16, repeats=10, warmup=2),
     "small": Size(4, 256, 4, 96, 64, 32, 2, 32, repeats=6, warmup=2),
     "medium": Size(6, 384, 6, 96, 256, 64, 1, 64, repeats=5, warmup=1),
+    # GPT-2 small's shape (configs/gpt2) on long_review: 64-token responses, compute-bound
+    # a learning rate too small to move the policy: at 1e-5 a few Adam steps of this model
+    # already teach it EOS, and the two sides' responses (their work) would drift apart
+    "gpt2": Size(12, 768, 12, 256, 8, 4, 1, 64, repeats=3, warmup=1, task="long_review",
+                 rows=("rollout", "ppo_iteration", "dpo_step"), trl_dpo_precompute_ref=True,
+                 onpolicy_lr=1e-9),
 }
 TEMPERATURE = 1.0
 
@@ -200,7 +210,7 @@ def bench_rollout(st: Setup, peak_flops: float) -> dict:
     ids, mask = encode_prompts(tok, st.prompts(s.batch_size), st.device)
     timer = Timer(st.device, s.warmup)
     gen = torch.Generator(device=st.device).manual_seed(st.seed)
-    lengths = []
+    lengths, base_lengths = [], []
 
     def ours():
         with torch.no_grad(), st.acc.autocast():
@@ -210,10 +220,11 @@ def bench_rollout(st: Setup, peak_flops: float) -> dict:
 
     def baseline():
         with torch.no_grad(), st.acc.autocast():
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
                            temperature=TEMPERATURE, top_k=0, top_p=1.0,
                            max_new_tokens=s.max_new_tokens, use_cache=True,
                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        base_lengths.append(out.shape[1] - ids.shape[1])
 
     for _ in range(s.warmup + s.repeats):
         timer.run_ours(ours)
@@ -226,7 +237,8 @@ def bench_rollout(st: Setup, peak_flops: float) -> dict:
     tokens = s.batch_size * t
     flops = 2 * n_flop_params(model) * s.batch_size * (ids.shape[1] + t)
     note = (f"{s.batch_size} prompts x up to {s.max_new_tokens} new tokens, T={TEMPERATURE}, "
-            "top_k=0, KV cache; tokens = generated positions")
+            "top_k=0, KV cache; tokens = generated positions (median per call: ours "
+            f"{t:g}, generate {statistics.median(base_lengths):g})")
     if st.device.type == "cuda":
         note += ("; ours replays one CUDA graph per decode step (captured per call, timed)"
                  if cuda_graphs_enabled() else "; CUDA graphs off (RLHF_TOY_CUDA_GRAPHS=0)")
@@ -287,7 +299,7 @@ def _onpolicy_config(st: Setup, cls, **kw):
     s = st.size
     return cls(output_dir="unused", batch_size=s.batch_size, mini_batch_size=s.mini_batch_size,
                ppo_epochs=s.ppo_epochs, max_new_tokens=s.max_new_tokens, temperature=TEMPERATURE,
-               learning_rate=1e-5, device=st.device.type,
+               learning_rate=s.onpolicy_lr, device=st.device.type,
                mixed_precision="bf16" if st.device.type == "cuda" else "no", **kw)
 
 
@@ -389,7 +401,7 @@ def bench_onpolicy(st: Setup, peak_flops: float, row: OnPolicyRow) -> dict:
             per_device_train_batch_size=s.mini_batch_size, gradient_accumulation_steps=1,
             steps_per_generation=s.batch_size // s.mini_batch_size, num_iterations=s.ppo_epochs,
             num_generations=g, max_completion_length=s.max_new_tokens, temperature=TEMPERATURE,
-            top_k=0, learning_rate=1e-5, max_steps=units * updates, disable_dropout=True,
+            top_k=0, learning_rate=s.onpolicy_lr, max_steps=units * updates, disable_dropout=True,
             max_grad_norm=1.0, **row.trl_kw)
         trainer = trainer_cls(model=policy_dir, reward_funcs=rm, args=args,
                               train_dataset=Dataset.from_dict({"prompt": prompts}),
@@ -478,9 +490,12 @@ def bench_dpo(st: Setup, peak_flops: float) -> dict:
         optimizer.step()
         optimizer.zero_grad()
 
-    note = (f"{s.batch_size} pairs per step (the same pairs, in order), beta=0.1; ours caches reference log-probs "
-            "(computed once, untimed); DPOTrainer with its defaults runs the reference "
-            "every step; tokens = real prompt+response tokens of chosen and rejected")
+    trl_ref = ("DPOTrainer precomputes them too (precompute_ref_log_probs, untimed): equal work"
+               if s.trl_dpo_precompute_ref else
+               "DPOTrainer with its defaults runs the reference every step")
+    note = (f"{s.batch_size} pairs per step (the same pairs, in order), beta=0.1; ours caches "
+            f"reference log-probs (computed once, untimed); {trl_ref}; tokens = real "
+            "prompt+response tokens of chosen and rejected")
     if not _have_trl():
         ours_only(timer, ours, s)
         base = None
@@ -505,6 +520,7 @@ def _run_trl_dpo(st: Setup, pairs: dict, timer: Timer, ours) -> None:
                          gradient_accumulation_steps=1, beta=0.1, learning_rate=1e-5,
                          max_steps=units, max_length=s.n_positions,
                          train_sampling_strategy="sequential",
+                         precompute_ref_log_probs=s.trl_dpo_precompute_ref,
                          max_grad_norm=1.0)
         # trailing space: TRL tokenizes prompt + completion as one string
         data = Dataset.from_dict({**pairs, "prompt": [p + " " for p in pairs["prompt"]]})
@@ -518,9 +534,17 @@ ROWS = {"rollout": bench_rollout, "ppo_iteration": bench_ppo, "grpo_step": bench
         "rloo_step": bench_rloo, "dpo_step": bench_dpo}
 
 
-def run_bench(device: str = "cpu", size: str = "tiny", rows: tuple[str, ...] = tuple(ROWS),
-              repeats: int | None = None, warmup: int | None = None, seed: int = 0) -> dict:
-    """Run the benchmark rows; returns `{"device", "size", "matmul_tflops", "rows": [...]}`."""
+def default_rows(size: str) -> tuple[str, ...]:
+    """The rows `--size SIZE` runs without `--rows`."""
+    return SIZES[size].rows or tuple(ROWS)
+
+
+def run_bench(device: str = "cpu", size: str = "tiny", rows: tuple[str, ...] | None = None,
+              repeats: int | None = None, warmup: int | None = None, seed: int = 0,
+              shape: Size | None = None) -> dict:
+    """Run the benchmark rows (default: `default_rows(size)`); `shape` replaces the size's
+    model and batch shape under its name (the smoke tests run a size's rows on a small
+    model). Returns `{"device", "size", "matmul_tflops", "rows": [...]}`."""
     from dataclasses import replace
 
     from accelerate import Accelerator
@@ -537,16 +561,16 @@ def run_bench(device: str = "cpu", size: str = "tiny", rows: tuple[str, ...] = t
         raise SystemExit("--device cuda: no CUDA device is available")
     AcceleratorState._reset_state()  # this process may already hold other settings
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
-    sz = SIZES[size]
+    sz = shape or SIZES[size]
     sz = replace(sz, repeats=sz.repeats if repeats is None else repeats,
                  warmup=sz.warmup if warmup is None else warmup)
-    task = get_task("sentiment")
+    task = get_task(sz.task)
     st = Setup(acc.device, acc, build_tokenizer(task.words), task, sz, seed)
     peak = matmul_peak_flops(acc.device)
     out = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} "
            "threads)", "size": size, "matmul_tflops": peak / 1e12,
            "precision": "bf16 autocast (accelerate)" if cuda else "fp32", "rows": []}
-    for name in rows:
+    for name in rows or default_rows(size):
         out["rows"].append(ROWS[name](st, peak))
     return out
 
