@@ -6,7 +6,8 @@
 import argparse
 import sys
 
-from rlhf_toy.bench import ROWS, SIZES, default_rows, format_table, run_bench, write_json
+from rlhf_toy.bench import ROWS, SIZES, default_rows, run_bench
+from rlhf_toy.bench_common import format_table, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed A/B pairs before timing (default: per size)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the MFU denominator (default: the FLOP/s of a large matmul timed "
+                             "at the start, which on a shared CPU moves with the load)")
     args = parser.parse_args(argv)
     rows = tuple(r for r in args.rows.split(",") if r) or default_rows(args.size)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown row {unknown[0]!r}; choose from {', '.join(ROWS)}")
-    result = run_bench(args.device, args.size, rows, args.repeats, args.warmup, args.seed)
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error(f"--peak_tflops must be > 0 (got {args.peak_tflops})")
+    result = run_bench(args.device, args.size, rows, args.repeats, args.warmup, args.seed,
+                       peak_tflops=args.peak_tflops)
     print(format_table(result))
     if args.json:
         write_json(args.json, result)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from rlhf_toy import bench
+from rlhf_toy import bench, bench_common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("ours_s", "baseline_s", "speedup", "tokens_per_s", "peak_mem_mb", "mfu")
@@ -44,16 +44,16 @@ def test_bench_without_trl_skips_the_baseline_with_a_note(monkeypatch):
     for row in result["rows"]:
         assert row["baseline"] is None and row["baseline_s"] is None and row["speedup"] is None
         assert row["ours_s"] > 0 and row["mfu"] > 0 and "baseline skipped" in row["note"]
-    assert "skipped" in bench.format_table(result)
+    assert "skipped" in bench_common.format_table(result)
 
 
 def test_pair_speedup_quartiles_are_those_of_the_per_pair_ratios():
     """Ratios baseline / ours per pair: 1, 2, 3, 4, 5 (ours always 1 s, listed out of order);
     the inclusive quartiles of five sorted values are the 2nd, 3rd and 4th: 2, 3, 4."""
-    assert bench.pair_speedup_quartiles([1.0, 2.0, 0.5, 1.0, 1.0],
+    assert bench_common.pair_speedup_quartiles([1.0, 2.0, 0.5, 1.0, 1.0],
                                         [3.0, 2.0, 1.0, 5.0, 4.0]) == [2.0, 3.0, 4.0]
-    assert bench.pair_speedup_quartiles([2.0], [3.0]) == [1.5, 1.5, 1.5]
-    assert bench.pair_speedup_quartiles([2.0], []) is None
+    assert bench_common.pair_speedup_quartiles([2.0], [3.0]) == [1.5, 1.5, 1.5]
+    assert bench_common.pair_speedup_quartiles([2.0], []) is None
 
 
 GPT2_ROWS = ["rollout", "ppo_iteration", "dpo_step"]
