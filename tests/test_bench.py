@@ -9,6 +9,9 @@ from dataclasses import replace
 import pytest
 
 from rlhf_toy import bench, bench_common
+from rlhf_toy.models import build_policy
+from rlhf_toy.tasks import get_task
+from rlhf_toy.tokenizer import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("ours_s", "baseline_s", "speedup", "tokens_per_s", "peak_mem_mb", "mfu")
@@ -83,10 +86,18 @@ def _check_gpt2_rows(result, batch_size):
 
 def test_gpt2_rows_run_on_a_small_shape():
     """The gpt2 rows (long_review data, 256 positions, 64-token responses, DPOTrainer
-    precomputing its reference) on a 1-layer 32-wide model: fields, not timings."""
+    precomputing its reference) on a 1-layer 32-wide model: fields, not timings. With a
+    given peak P, a DPO step's MFU is 6 N tokens / ours_s / P = 6 N tokens_per_s / P."""
     shape = replace(bench.SIZES["gpt2"], n_layer=1, n_embd=32, n_head=2, batch_size=4,
                     mini_batch_size=2)
-    _check_gpt2_rows(bench.run_bench("cpu", "gpt2", repeats=1, warmup=0, shape=shape), 4)
+    result = bench.run_bench("cpu", "gpt2", repeats=1, warmup=0, shape=shape, peak_tflops=0.5)
+    _check_gpt2_rows(result, 4)
+    assert result["peak_tflops"] == 0.5 and result["matmul_tflops"] > 0
+    assert "given peak of 0.500" in bench_common.format_table(result)
+    task = get_task("long_review")
+    n = bench_common.n_flop_params(build_policy(build_tokenizer(task.words), 1, 32, 2, 256))
+    dpo = result["rows"][2]
+    assert dpo["mfu"] == pytest.approx(6 * n * dpo["tokens_per_s"] / 0.5e12)
 
 
 @pytest.mark.slow
