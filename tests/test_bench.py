@@ -102,6 +102,6 @@ def test_gpt2_rows_run_on_a_small_shape():
 
 @pytest.mark.slow
 def test_gpt2_rows_run_at_the_real_size():
-    """One timed pair per row of the 12-layer model (about two minutes on 2 CPU cores)."""
+    """One timed pair per row of the 12-layer model (3.5 minutes on 2 shared CPU cores)."""
     _check_gpt2_rows(bench.run_bench("cpu", "gpt2", repeats=1, warmup=0),
                      bench.SIZES["gpt2"].batch_size)
