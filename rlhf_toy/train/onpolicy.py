@@ -96,8 +96,9 @@ class Rollout:
     returns: torch.Tensor | None = None
     raw_scores: torch.Tensor | None = None
 
-    def select(self, index: torch.Tensor) -> Rollout:
-        """The rollouts at `index` (B') as a new `Rollout`; None fields stay None."""
+    def select(self, index: torch.Tensor | slice) -> Rollout:
+        """The rollouts at `index` (B', or a slice: views) as a new `Rollout`; None fields
+        stay None."""
         return Rollout(*(None if (x := getattr(self, f.name)) is None else x[index]
                          for f in dataclasses.fields(self)))
 
@@ -143,14 +144,24 @@ def collect_rollout(method: OnPolicyMethod, model, ref_model, reward_model, toke
     with sampling_policy(model.policy) as policy:  # full weights, also under FSDP
         s = sample(policy, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id,
                    tokenizer.pad_token_id, cfg.temperature, cfg.top_k, generator=generator)
-    return score_rollout(method, model, ref_model, reward_model, s, cfg, beta, score_fn)
+    # the sampler's log-probs are pi_old's, at the same temperature and, in full precision,
+    # equal to a forward pass's up to float rounding: without a critic to evaluate, the
+    # policy needs no pass of its own
+    own = isinstance(model, CriticFreePolicy) and cfg.mixed_precision == "no"
+    return score_rollout(method, model, ref_model, reward_model, s, cfg, beta, score_fn,
+                         sampler_logprobs=own)
 
 
 @torch.no_grad()
 def score_rollout(method: OnPolicyMethod, model, ref_model, reward_model, s: Samples,
-                  cfg: OnPolicyConfig, beta: float, score_fn=None) -> Rollout:
+                  cfg: OnPolicyConfig, beta: float, score_fn=None,
+                  sampler_logprobs: bool = False) -> Rollout:
     """Steps 2-4 of an iteration on sampled responses `s`, whichever policy sampled them
-    (`rlhf-toy inspect` scores one set of responses under several methods)."""
+    (`rlhf-toy inspect` scores one set of responses under several methods).
+
+    `sampler_logprobs`: `s` was sampled by `model`'s policy in full precision and `model`
+    has no critic: take the old log-probs from `s.logprobs` instead of a forward pass.
+    """
     inputs = (s.prompt_ids, s.prompt_mask, s.response_ids, s.mask)
     # 2. score: the reward model reads the last real token; a cut response pays a penalty
     scores = (reward_scores(reward_model, *inputs) if score_fn is None
@@ -160,8 +171,11 @@ def score_rollout(method: OnPolicyMethod, model, ref_model, reward_model, s: Sam
     scores = raw_scores - raw_scores.mean() if cfg.center_scores else raw_scores
     # 3. old log-probs (and values) in one pass, reference log-probs
     mask = s.mask.float()
-    logits, values = model(*inputs, temperature=cfg.temperature)
-    logprobs = logprobs_from_logits(logits, s.response_ids) * mask
+    if sampler_logprobs:
+        logprobs, values = s.logprobs, None  # already 0 on padding
+    else:
+        logits, values = model(*inputs, temperature=cfg.temperature)
+        logprobs = logprobs_from_logits(logits, s.response_ids) * mask
     ref_logits = response_logits(ref_model, *inputs, temperature=cfg.temperature)
     ref_logprobs = logprobs_from_logits(ref_logits, s.response_ids) * mask
     batch = Rollout(s.prompt_ids, s.prompt_mask, s.response_ids, mask, logprobs, ref_logprobs,
@@ -180,8 +194,9 @@ def update(method: OnPolicyMethod, model, optimizer, acc, batch: Rollout, cfg: O
     updated = False  # has an optimizer step of this call changed the model yet?
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=generator).to(batch.mask.device)
+        shuffled = batch.select(perm)  # one gather per epoch; its minibatches are views
         for start in range(0, n, micro):
-            mb = batch.select(perm[start: start + micro])
+            mb = shuffled.select(slice(start, start + micro))
             with acc.accumulate(model):
                 logits, values = model(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.mask,
                                        temperature=cfg.temperature)
