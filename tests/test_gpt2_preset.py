@@ -88,6 +88,9 @@ def test_corpus_responses_reach_64_tokens_and_gold_stays_in_the_unit_interval():
     # s = 2 (not awful) - 2 (awful) + 21 * 2 = 42
     ("not awful . awful" + " not awful ." * 21, _sigmoid(42 / 8) * 3 / 67),
     ("", 0.0),
+    # 1 501 x "very awful" (s = -4 each, -6 004 in all): sigmoid(-750.5) is 0 to double
+    # precision, where exp(750.5) in 1 / (1 + exp(-x)) would overflow
+    ("very awful ." + " the plot was very awful ." * 1500, 0.0),
 ])
 def test_gold_hand_values(response, expected):
     assert get_task("long_review").gold("the plot was", response) == pytest.approx(expected)

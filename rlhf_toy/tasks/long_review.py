@@ -78,7 +78,8 @@ class LongReviewTask(SentimentTask):
     """Sentiment reviews of 64 to 88 words; gold asks for positive, fluent and long."""
 
     name = "long_review"
-    max_response_tokens = MAX_TARGET_WORDS - 1 + LONGEST_SENTENCE  # the last sentence's start
+    # the last sentence starts before MAX_TARGET_WORDS words and adds at most 9
+    max_response_tokens = MAX_TARGET_WORDS - 1 + LONGEST_SENTENCE
 
     def sample_response(self, prompt: str, rng: random.Random) -> str:
         target = rng.randint(MIN_WORDS, MAX_TARGET_WORDS)
@@ -93,4 +94,5 @@ class LongReviewTask(SentimentTask):
         if not words:
             return 0.0
         fluency = grammatical_words(words) / max(len(words), MIN_WORDS)
-        return 1.0 / (1.0 + math.exp(-sentiment_score(words) / SCALE)) * fluency
+        # sigmoid(x) as 0.5 * (1 + tanh(x / 2)): no overflow however long the response
+        return 0.5 * (1.0 + math.tanh(sentiment_score(words) / SCALE / 2)) * fluency
