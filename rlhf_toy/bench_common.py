@@ -5,8 +5,9 @@ Timings: ours and the baseline alternate (A B A B ...); a row reports medians af
 warm-up pairs and the quartiles of the per-pair speedup. Peak memory is CUDA's max
 allocated, or on CPU this process's peak RSS (VmHWM, reset before each of our units).
 MFU is model FLOPs (2 N per token forward, 6 N forward+backward; N = parameters without
-position embeddings; attention-score FLOPs left out) over the FLOP/s of a large matmul
-timed in the same run: the achievable peak of the machine as it is loaded at the time.
+position embeddings; attention-score FLOPs left out) over a peak FLOP/s: the given
+`--peak_tflops`, or else that of a large matmul timed at the start of the run (what the
+machine delivers under its load at that moment).
 """
 
 from __future__ import annotations
