@@ -66,9 +66,9 @@ SIZES = {
     "tiny": Size(2, 64, 4, 32, 32, 16, 4, 16, repeats=10, warmup=2),
     "small": Size(4, 256, 4, 96, 64, 32, 2, 32, repeats=6, warmup=2),
     "medium": Size(6, 384, 6, 96, 256, 64, 1, 64, repeats=5, warmup=1),
-    # GPT-2 small's shape (configs/gpt2) on long_review: 64-token responses, compute-bound
-    # a learning rate too small to move the policy: at 1e-5 a few Adam steps of this model
-    # already teach it EOS, and the two sides' responses (their work) would drift apart
+    # GPT-2 small's shape (configs/gpt2) on long_review: 64-token responses, compute-bound;
+    # an on-policy learning rate too small to move the policy: at 1e-5 a few Adam steps of
+    # this model already shorten its responses, and the two sides' work would drift apart
     "gpt2": Size(12, 768, 12, 256, 8, 4, 1, 64, repeats=3, warmup=1, task="long_review",
                  rows=("rollout", "ppo_iteration", "dpo_step"), trl_dpo_precompute_ref=True,
                  onpolicy_lr=1e-9),
