@@ -40,6 +40,12 @@ class PipelineConfig:
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda"})
     overwrite_output_dir: bool = dataclasses.field(
         default=False, metadata={"help": "replace the stages of an earlier pipeline run"})
+    prefs_path: str = dataclasses.field(default="", metadata={
+        "help": "preference pairs of your own (see `rlhf-toy reward --help`) for reward, dpo "
+                "and compare: they replace the prefs stage"})
+    prompts_path: str = dataclasses.field(default="", metadata={
+        "help": "prompts of your own for the on-policy stages and every evaluation; there is "
+                "then no gold reward (the reports say so)"})
     compare_seeds: list[int] = dataclasses.field(default_factory=list, metadata={
         "help": "seeds the compare stage trains every method on; empty = --seed alone (the "
                 "demo's size), e.g. 0 1 2 for means with standard errors"})
@@ -66,6 +72,9 @@ def _stage_argv(pipe: PipelineConfig, stage: str, cls: type) -> list[str]:
     for name, source in STAGE_INPUTS.items():
         if name in names:
             argv += [f"--{name}", os.path.join(pipe.output_dir, source)]
+    for name in ("prefs_path", "prompts_path"):  # a user's data, where the stage reads it
+        if getattr(pipe, name) and name in names:
+            argv += [f"--{name}", getattr(pipe, name)]
     if stage == "compare":  # the pipeline's own runs are compare's for --seed
         argv += ["--method_dirs", *(f"{name}={os.path.join(pipe.output_dir, m.stage)}"
                                     for name, m in METHODS.items()
@@ -75,10 +84,15 @@ def _stage_argv(pipe: PipelineConfig, stage: str, cls: type) -> list[str]:
     return argv
 
 
+def pipeline_stages(pipe: PipelineConfig) -> list[str]:
+    """The stages a pipeline runs: a user's pairs replace `prefs`."""
+    return [stage for stage in PIPELINE if not (stage == "prefs" and pipe.prefs_path)]
+
+
 def run_pipeline(pipe: PipelineConfig) -> dict:
     stages = _stages()
     results = {}
-    for stage in PIPELINE:
+    for stage in pipeline_stages(pipe):
         cls, runner, keys = stages[stage]
         cfg = parse_config(cls, _stage_argv(pipe, stage, cls), prog=f"rlhf-toy {stage}")
         results[stage] = runner(cfg)

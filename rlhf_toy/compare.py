@@ -15,6 +15,11 @@ seed), against that seed's SFT reference and reward model:
 - `win_rate_vs_ref`: how often its response beats the reference's under gold (ties 1/2);
 - `response_len`, `eos_frac`: mean response tokens (EOS included), fraction ending in EOS.
 
+With `prompts_path` (a user's prompts, no task) there is no gold reward: `gold_reward` and
+`win_rate_vs_ref` are left out, the frontier is proxy reward against KL, no method is
+ranked, and the reports say "no gold reward". With `prefs_path` every seed's reward and
+preference runs read the user's pairs and no prefs stage runs.
+
 Over the seeds each number becomes a mean and its standard error (`core/stats.py`).
 A method's frontier is its trained policies only (main run and sweep), never the SFT
 point. Two methods are compared at equal KL: the best mean gold each reaches with mean KL
@@ -34,8 +39,9 @@ import time
 from rlhf_toy.compare_report import plot_frontier, plot_training_curves, report_markdown
 from rlhf_toy.config import CompareConfig, parse_config, to_dict
 from rlhf_toy.core.stats import difference, is_significant, mean, standard_error
+from rlhf_toy.datafiles import load_prompts, split_prompts
 from rlhf_toy.errors import UsageError
-from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy, win_rate
+from rlhf_toy.evaluate import NO_GOLD, SamplingArgs, eval_prompts, evaluate_policy, win_rate
 from rlhf_toy.methods import METHODS, STAGES
 from rlhf_toy.models import freeze, load_policy, load_reward_model
 from rlhf_toy.report_html import render_compare_html
@@ -53,20 +59,26 @@ class Evaluator:
     """Measures any policy against one reference, reward model, prompt set and sampling seed."""
 
     def __init__(self, cfg: CompareConfig, seed: int, sft_dir: str, reward_dir: str, device):
-        self.task = get_task(cfg.task)
+        self.task = None if cfg.prompts_path else get_task(cfg.task)
         self.tokenizer = load_tokenizer(sft_dir)
-        self.prompts = eval_prompts(self.task, cfg.n_eval_prompts)
+        self.prompts = (eval_prompts(self.task, cfg.n_eval_prompts) if self.task is not None
+                        else split_prompts(load_prompts(cfg.prompts_path, self.tokenizer),
+                                           cfg.n_eval_prompts,
+                                           f"prompts_path {cfg.prompts_path!r}")[1])
         self.args = SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
         self.seed, self.device = seed, device
         self.ref_model = freeze(load_policy(sft_dir)).to(device)
         self.reward_model = freeze(load_reward_model(reward_dir)).to(device)
         self.ref_gold: list[float] | None = None
-        self.ref_gold = self.measure(self.ref_model)["gold"]
+        self.ref_gold = self.measure(self.ref_model).get("gold")
 
     def measure(self, policy) -> dict:
-        """`METRICS` (floats) and the per-prompt `gold` list (N,)."""
+        """`METRICS` (floats) and the per-prompt `gold` list (N,); without a task, the
+        metrics other than `gold_reward` and `win_rate_vs_ref`, and no list."""
         ev = evaluate_policy(policy.to(self.device), self.tokenizer, self.task, self.prompts,
                              self.args, self.seed, self.reward_model, self.ref_model)
+        if "gold" not in ev:
+            return {k: ev[k] for k in METRICS if k in ev}
         gold = ev["gold"]
         ref_gold = self.ref_gold if self.ref_gold is not None else gold
         return {**{k: ev[k] for k in METRICS if k in ev},
@@ -75,7 +87,7 @@ class Evaluator:
     def measure_dir(self, path: str) -> dict:
         """`measure` of the policy saved in `path` (without the per-prompt list)."""
         result = self.measure(load_policy(path))
-        result.pop("gold")
+        result.pop("gold", None)
         return result
 
 
@@ -131,10 +143,13 @@ def run_seed(cfg: CompareConfig, seed: int, templates: dict[str, dict], device) 
     root = os.path.join(cfg.output_dir, f"seed_{seed}")
     own = seed == cfg.seed  # the seed whose finished runs were given
     fixed = {"seed": seed, "task": cfg.task, "device": cfg.device,
-             "mixed_precision": cfg.mixed_precision, "resume_from_checkpoint": ""}
+             "mixed_precision": cfg.mixed_precision, "resume_from_checkpoint": "",
+             "prefs_path": cfg.prefs_path, "prompts_path": cfg.prompts_path}
     # 1. sft, prefs, reward: the given runs for --seed, else trained with their settings
     dirs: dict[str, str] = {}
     for stage in BASE_STAGES:
+        if stage == "prefs" and cfg.prefs_path:  # the user's pairs instead
+            continue
         given = getattr(cfg, f"{stage}_dir") if own else ""
         inputs = {f"{k}_dir": v for k, v in dirs.items()}
         dirs[stage] = given or train(stage, stage_config(
@@ -174,7 +189,7 @@ def aggregate(rows: list[dict]) -> dict:
         {key: mean, key_se: standard error (NaN for one seed), "per_seed": rows}.
     """
     out: dict = {}
-    for key in METRICS:
+    for key in (k for k in METRICS if k in rows[0]):  # no gold keys without a gold reward
         values = [r[key] for r in rows]
         out[key], out[f"{key}_se"] = mean(values), standard_error(values)
     out["per_seed"] = rows
@@ -306,12 +321,19 @@ def run_compare(cfg: CompareConfig) -> dict:
     summary = {"task": cfg.task, "seeds": seeds, "n_eval_prompts": cfg.n_eval_prompts,
                "methods": list(cfg.methods), **aggregate_seeds(per_seed, cfg.methods)}
     fronts = frontier(summary, cfg.methods)
-    pairs = [equal_kl_pair(fronts[a], fronts[b], a, b, len(seeds))
-             for a, b in itertools.combinations(cfg.methods, 2)]
-    summary["verdict"] = {"pairs": pairs, "sentence": " ".join(p["sentence"] for p in pairs)}
-    summary["below_reference"] = below_reference(summary, cfg.methods, fronts)
+    if "gold_reward" in summary["sft"]:
+        pairs = [equal_kl_pair(fronts[a], fronts[b], a, b, len(seeds))
+                 for a, b in itertools.combinations(cfg.methods, 2)]
+        summary["verdict"] = {"pairs": pairs, "sentence": " ".join(p["sentence"] for p in pairs)}
+        summary["below_reference"] = below_reference(summary, cfg.methods, fronts)
+    else:  # the proxy is what the on-policy methods maximise: it cannot rank them
+        summary["gold"] = NO_GOLD
+        summary["verdict"] = {"pairs": [], "sentence": "No gold reward (prompts_path): no "
+                              "method is ranked; the proxy reward is what some of them optimise."}
+        summary["below_reference"] = []
     for name in ("sft", *cfg.methods):
-        summary[f"{name}_gold_reward"] = summary[name]["gold_reward"]
+        if "gold_reward" in summary[name]:
+            summary[f"{name}_gold_reward"] = summary[name]["gold_reward"]
         summary[f"{name}_kl_to_ref"] = summary[name]["kl_to_ref"]
     # 3. plots and report
     summary["plots"] = {"frontier": os.path.join(cfg.output_dir, "frontier.png"),
@@ -322,7 +344,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     if acc.is_main_process:
         plot_frontier(fronts, summary["sft"], summary["plots"]["frontier"], summary)
         plot_training_curves({m: summary[m]["dirs"][0] for m in cfg.methods}, seeds[0],
-                             summary["plots"]["training_curves"])
+                             summary["plots"]["training_curves"], "gold" not in summary)
         with open(summary["report"], "w") as fh:
             fh.write(report_markdown(summary))
         with open(summary["report_html"], "w") as fh:  # the same, one page: plots inline

@@ -1,7 +1,9 @@
 """What `compare` writes for people: `report.md`, `frontier.png`, `training_curves.png`.
 
 Numbers are means over seeds with their standard errors ("mean ± s.e."); with one seed
-there is no standard error and the cells show the value alone.
+there is no standard error and the cells show the value alone. A compare without a gold
+reward (`summary["gold"]`, a user's prompts) shows no gold column, plots proxy reward
+against KL, and says "no gold reward".
 """
 
 from __future__ import annotations
@@ -11,7 +13,19 @@ import math
 import os
 
 COLS = ("gold_reward", "proxy_reward", "kl_to_ref", "win_rate_vs_ref", "response_len")
-HEADER = "| gold reward | proxy reward | KL to ref | win rate vs ref | response length |"
+COL_NAMES = {"gold_reward": "gold reward", "proxy_reward": "proxy reward",
+             "kl_to_ref": "KL to ref", "win_rate_vs_ref": "win rate vs ref",
+             "response_len": "response length"}
+GOLD_COLS = ("gold_reward", "win_rate_vs_ref")  # measured under the gold reward
+
+
+def _cols(summary: dict) -> tuple[str, ...]:
+    """The table's columns: all of COLS, or those that need no gold reward."""
+    return tuple(k for k in COLS if "gold" not in summary or k not in GOLD_COLS)
+
+
+def _header(cols: tuple[str, ...]) -> str:
+    return "| " + " | ".join(COL_NAMES[k] for k in cols) + " |"
 
 
 def _num(x: float) -> str:
@@ -27,8 +41,8 @@ def _cell(m: dict, key: str) -> str:
     return f"{_num(m[key])} ± {se:.3f}"
 
 
-def _row(name: str, m: dict, *extra: str) -> str:
-    return "| " + " | ".join([name, *extra, *(_cell(m, k) for k in COLS)]) + " |"
+def _row(name: str, m: dict, cols: tuple[str, ...], *extra: str) -> str:
+    return "| " + " | ".join([name, *extra, *(_cell(m, k) for k in cols)]) + " |"
 
 
 def _seeds_note(seeds: list[int]) -> str:
@@ -44,49 +58,60 @@ def _seeds_note(seeds: list[int]) -> str:
 
 def report_markdown(summary: dict) -> str:
     """`report.md`: methods table, per-seed gold, sweep table, plots, verdicts, warnings."""
-    methods, seeds = summary["methods"], summary["seeds"]
+    methods, seeds, cols = summary["methods"], summary["seeds"], _cols(summary)
+    head, rule = "| method | beta " + _header(cols), "|---" * (len(cols) + 2) + "|"
     plots = {k: os.path.basename(v) for k, v in summary["plots"].items()}
+    gold = "gold" not in summary
     lines = [f"# Methods compared ({summary['task']}; seeds {', '.join(map(str, seeds))})", "",
              f"Every policy is sampled once on the same {summary['n_eval_prompts']} held-out "
              "prompts; each seed samples with its own seed and is measured against its own SFT "
-             "reference and reward model. Gold is the hidden reward; proxy is the reward model; "
-             "KL is KL(policy || SFT) per response, estimated from the samples; win rate is "
-             "against the SFT response to the same prompt under gold (ties 1/2).", "",
-             _seeds_note(seeds), "", "| method | beta " + HEADER, "|---" * 7 + "|",
-             _row("sft (reference)", summary["sft"], "")]
-    lines += [_row(m, summary[m], f"{summary[m]['beta']:g}" if summary[m]["beta"] is not None
-                   else "") for m in methods]
+             "reference and reward model. "
+             + ("Gold is the hidden reward; proxy is the reward model; "
+                "KL is KL(policy || SFT) per response, estimated from the samples; win rate is "
+                "against the SFT response to the same prompt under gold (ties 1/2)." if gold else
+                f"There is {summary['gold']} (the prompts are the user's): proxy is the reward "
+                "model, which some methods optimise, so it ranks nothing; KL is KL(policy || "
+                "SFT) per response, estimated from the samples."), "",
+             _seeds_note(seeds), "", head, rule, _row("sft (reference)", summary["sft"], cols, "")]
+    lines += [_row(m, summary[m], cols, f"{summary[m]['beta']:g}"
+                   if summary[m]["beta"] is not None else "") for m in methods]
     if summary["below_reference"]:
         lines += ["", *(f"**{line}**" for line in summary["below_reference"])]
-    lines += ["", "Gold reward per seed:", "",
-              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-              "|---" * (len(seeds) + 1) + "|"]
-    lines += ["| " + " | ".join([m, *(_num(r["gold_reward"]) for r in summary[m]["per_seed"])])
-              + " |" for m in ("sft", *methods)]
+    if gold:
+        lines += ["", "Gold reward per seed:", "",
+                  "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---" * (len(seeds) + 1) + "|"]
+        lines += ["| " + " | ".join([m, *(_num(r["gold_reward"])
+                                          for r in summary[m]["per_seed"])]) + " |"
+                  for m in ("sft", *methods)]
     if summary["sweep"]:
-        lines += ["", "## Frontier sweep", "", "| method | beta " + HEADER, "|---" * 7 + "|"]
-        lines += [_row(p["method"], p, f"{p['beta']:g}") for p in summary["sweep"]]
-    lines += ["", f"![gold reward vs KL]({plots['frontier']})", "",
+        lines += ["", "## Frontier sweep", "", head, rule]
+        lines += [_row(p["method"], p, cols, f"{p['beta']:g}") for p in summary["sweep"]]
+    y_name = "gold reward" if gold else "proxy reward"
+    lines += ["", f"![{y_name} vs KL]({plots['frontier']})", "",
               f"![training curves]({plots['training_curves']})", "", "## At equal KL", ""]
-    lines += [f"- {p['sentence']}" for p in summary["verdict"]["pairs"]]
+    lines += ([f"- {p['sentence']}" for p in summary["verdict"]["pairs"]] if gold
+              else [summary["verdict"]["sentence"]])
     return "\n".join(lines) + "\n"
 
 
 def training_curves(run_dir: str) -> list[dict]:
-    """The `eval_gold` / `eval_proxy` rows of a run's metrics.jsonl, with step 0 (from the
-    run's summary) prepended when the run did not log it."""
+    """The held-out evaluation rows (`eval_proxy`, and `eval_gold` where there is a gold
+    reward) of a run's metrics.jsonl, with step 0 (from the run's summary) prepended when
+    the run did not log it."""
     rows = []
     path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(path):
         with open(path) as fh:
-            rows = [r for r in map(json.loads, fh) if "eval_gold" in r]
+            rows = [r for r in map(json.loads, fh) if "eval_proxy" in r]
     summary_path = os.path.join(run_dir, "summary.json")
     if (not rows or rows[0]["step"] > 0) and os.path.isfile(summary_path):
         with open(summary_path) as fh:
             s = json.load(fh)
-        if "gold_reward_before" in s:
-            rows.insert(0, {"step": 0, "eval_gold": s["gold_reward_before"],
-                            "eval_proxy": s.get("proxy_reward_before", float("nan"))})
+        if "proxy_reward_before" in s:
+            rows.insert(0, {"step": 0, "eval_proxy": s["proxy_reward_before"],
+                            **({"eval_gold": s["gold_reward_before"]}
+                               if "gold_reward_before" in s else {})})
     return rows
 
 
@@ -96,20 +121,22 @@ def _err(points: list[dict], key: str) -> list[float] | None:
 
 
 def plot_frontier(frontier: dict[str, list[dict]], sft: dict, path: str, summary: dict) -> None:
-    """Gold reward against KL to the reference, one curve per method, error bars of one
-    standard error over seeds in both directions -> PNG at `path`."""
+    """Gold reward (proxy reward without a gold reward) against KL to the reference, one
+    curve per method, error bars of one standard error over seeds in both directions -> PNG
+    at `path`."""
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend
 
+    y = "gold_reward" if "gold" not in summary else "proxy_reward"
     fig = Figure(figsize=(6.8, 4.6))
     ax = fig.subplots()
     for i, (method, points) in enumerate(frontier.items()):
-        ax.errorbar([p["kl_to_ref"] for p in points], [p["gold_reward"] for p in points],
-                    xerr=_err(points, "kl_to_ref"), yerr=_err(points, "gold_reward"),
+        ax.errorbar([p["kl_to_ref"] for p in points], [p[y] for p in points],
+                    xerr=_err(points, "kl_to_ref"), yerr=_err(points, y),
                     fmt="o-", ms=4, capsize=3, color=f"C{i}", label=method.upper())
         for p in points:
-            ax.annotate(p["label"], (p["kl_to_ref"], p["gold_reward"]), fontsize=7,
+            ax.annotate(p["label"], (p["kl_to_ref"], p[y]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
-    ax.errorbar([0.0], [sft["gold_reward"]], yerr=_err([sft], "gold_reward"), fmt="ks",
+    ax.errorbar([0.0], [sft[y]], yerr=_err([sft], y), fmt="ks",
                 capsize=3, label="SFT (reference)")
     pairs = summary["verdict"]["pairs"]
     if len(pairs) == 1:
@@ -117,22 +144,25 @@ def plot_frontier(frontier: dict[str, list[dict]], sft: dict, path: str, summary
     n = len(summary["seeds"])
     spread = f"mean ± s.e. over {n} seeds" if n > 1 else f"seed {summary['seeds'][0]}, no error bars"
     ax.set_xlabel("KL(policy || reference) per response [nats], from samples")
-    ax.set_ylabel("held-out gold reward")
-    ax.set_title(f"Gold reward vs KL to the reference ({spread})", fontsize=10)
+    name = "gold reward" if y == "gold_reward" else f"proxy reward ({summary['gold']})"
+    ax.set_ylabel(f"held-out {name}")
+    ax.set_title(f"{name.capitalize()} vs KL to the reference ({spread})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def plot_training_curves(run_dirs: dict[str, str], seed: int, path: str) -> None:
-    """Held-out gold and proxy reward against step for the main runs of one seed -> PNG."""
+def plot_training_curves(run_dirs: dict[str, str], seed: int, path: str,
+                         gold: bool = True) -> None:
+    """Held-out gold (where there is a gold reward) and proxy reward against step for the
+    main runs of one seed -> PNG."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9.6, 3.8))
-    axes = fig.subplots(1, 2)
-    for ax, key, name in zip(axes, ("eval_gold", "eval_proxy"), ("gold reward", "proxy reward"),
-                             strict=True):
+    panels = (("eval_gold", "gold reward"),) * gold + (("eval_proxy", "proxy reward"),)
+    fig = Figure(figsize=(4.8 * len(panels), 3.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, name) in zip(axes, panels, strict=True):
         for i, (method, run_dir) in enumerate(run_dirs.items()):
             rows = training_curves(run_dir)
             ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], "o-",

@@ -37,6 +37,7 @@ def check(condition: bool, name: str, allowed: str, value: Any) -> None:
         raise UsageError(f"{name} must be {allowed} (got {value!r})")
 
 
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
 MAX_BETA = 1e3  # a KL coefficient (or DPO beta) beyond this only overflows the losses
 
 
@@ -59,6 +60,13 @@ def _unit(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
         check(0.0 <= value <= 1.0, name, "in [0, 1]", value)
+
+
+def _check_prefs_path(cfg: Any) -> None:
+    """A user's pairs (`prefs_path`) replace `prefs_dir`, which is then not read."""
+    if cfg.prefs_path:
+        cfg.prefs_dir = ""
+    check(0.0 < cfg.test_fraction < 1.0, "test_fraction", "in (0, 1)", cfg.test_fraction)
 
 
 @dataclass
@@ -117,6 +125,18 @@ class TrainConfig:
                             "final model")
     resume_from_checkpoint: str = _f("", "PATH of a checkpoint-N/ directory, or 'latest' in "
                                          "output_dir; empty = start fresh")
+    # memory and tracking (README, "LoRA and gradient checkpointing", "Tracking")
+    use_peft: bool = _f(False, "train LoRA adapters (peft) on a frozen base; the reference is "
+                               "the base with the adapter disabled")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA scale numerator: the update is scaled by lora_alpha / lora_r")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input, in [0, 1)")
+    lora_target_modules: list[str] = _f([], "layers to adapt; empty = c_attn (GPT-2), "
+                                            "q_proj v_proj (Llama)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass "
+                                             "(less memory, more compute)")
+    report_to: str = _f("none", "also log metrics.jsonl's rows to: none | tensorboard | "
+                                "wandb | trackio")
 
     def _check_train(self) -> None:
         _positive(self, "batch_size", "gradient_accumulation_steps", "max_steps",
@@ -124,6 +144,9 @@ class TrainConfig:
         check(0 < self.learning_rate <= 1, "learning_rate", "in (0, 1]", self.learning_rate)
         check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
         check(self.save_steps >= 0, "save_steps", ">= 0", self.save_steps)
+        _positive(self, "lora_r", "lora_alpha")
+        check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "in [0, 1)", self.lora_dropout)
+        check(self.report_to in REPORT_TO, "report_to", " | ".join(REPORT_TO), self.report_to)
 
 
 @dataclass
@@ -175,6 +198,11 @@ class RewardConfig(CommonConfig, TrainConfig):
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint whose backbone initialises the reward model")
     prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs)")
+    prefs_path: str = _f("", "preference pairs of your own instead of prefs_dir: a JSONL, JSON, "
+                             "CSV or Parquet file or a datasets directory, TRL's explicit-prompt "
+                             "or conversational format")
+    test_fraction: float = _f(0.2, "held-out fraction of prefs_path's pairs when it has one split "
+                                   "(drawn with --seed)")
     batch_size: int = _f(64, "preference pairs per optimizer step (per process)")
     max_steps: int = _f(400, "optimizer steps")
     head_init_std: float = _f(0.02, "std of the scalar head's initial weights (small)")
@@ -188,6 +216,7 @@ class RewardConfig(CommonConfig, TrainConfig):
         CommonConfig.__post_init__(self)
         self._check_train()
         _positive(self, "head_init_std", "eval_batch_size")
+        _check_prefs_path(self)
         check(self.audit_steps >= 0, "audit_steps", ">= 0", self.audit_steps)
 
 
@@ -292,6 +321,9 @@ class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
 
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
     reward_dir: str = _f("runs/default/reward", "reward model checkpoint (frozen)")
+    prompts_path: str = _f("", "prompts of your own instead of the task's (a text file, one a "
+                               "line, or a file or dataset with a 'prompt' column); the task's "
+                               "gold reward is then not used: reports say 'no gold reward'")
     batch_size: int = _f(32, "rollouts (completions) per iteration (per process)")
     max_steps: int = _f(100, "iterations (sample, score, update)")
     num_generations: int = _f(1, "completions per prompt, contiguous in the batch; "
@@ -362,7 +394,15 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
     output_dir: str = _f("runs/default/dpo", "directory this stage writes its artifacts into")
     sft_dir: str = _f("runs/default/sft", "SFT checkpoint: the initial policy and the reference")
     prefs_dir: str = _f("runs/default/prefs", "preference dataset (rlhf-toy prefs); train split")
+    prefs_path: str = _f("", "preference pairs of your own instead of prefs_dir: a JSONL, JSON, "
+                             "CSV or Parquet file or a datasets directory, TRL's explicit-prompt "
+                             "or conversational format")
+    test_fraction: float = _f(0.2, "held-out fraction of prefs_path's pairs when it has one split "
+                                   "(drawn with --seed)")
     reward_dir: str = _f("runs/default/reward", "reward model: proxy reward for evaluation only")
+    prompts_path: str = _f("", "evaluation prompts of your own instead of the task's (a text file, one a "
+                               "line, or a file or dataset with a 'prompt' column); the task's "
+                               "gold reward is then not used: reports say 'no gold reward'")
     loss_type: str | None = _f(None, "sigmoid (DPO, eq. 7; the default) | ipo (Azar et al. "
                                      "2023, eq. 17) | simpo (Meng et al. 2024, reference-free)")
     loss: str | None = _f(None, "alias of loss_type (either name; both given must agree)")
@@ -400,6 +440,7 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
               f"a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})",
               self.batch_size)
         check(self.eval_steps >= 0, "eval_steps", ">= 0", self.eval_steps)
+        _check_prefs_path(self)
 
     def _resolve_loss_type(self) -> None:
         """`loss` is an alias of `loss_type`: take whichever is given (sigmoid if neither),
@@ -435,6 +476,10 @@ class CompareConfig(CommonConfig, SamplingConfig):
     sft_dir: str = _f("", "a finished SFT run for --seed to reuse; empty = train it")
     prefs_dir: str = _f("", "a finished prefs run for --seed to reuse; empty = generate it")
     reward_dir: str = _f("", "a finished reward run for --seed to reuse; empty = train it")
+    prefs_path: str = _f("", "preference pairs of your own for every seed's reward and "
+                             "preference runs (see `rlhf-toy reward --help`); no prefs stage")
+    prompts_path: str = _f("", "prompts of your own for every on-policy run and the evaluation; "
+                               "no gold reward: methods are measured by proxy reward and KL")
     method_dirs: list[str] = _f([], "METHOD=DIR: a finished main run of METHOD for --seed to "
                                     "reuse; the other seeds repeat its settings")
     config_dir: str = _f("", "per-stage YAML files for the runs compare trains without a "
@@ -446,6 +491,8 @@ class CompareConfig(CommonConfig, SamplingConfig):
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)
         self._check_sampling()
+        if self.prefs_path:  # a user's pairs replace the prefs stage
+            self.prefs_dir = ""
         for name in self.methods:
             check(name in METHODS, "methods", f"a list from {sorted(METHODS)}", self.methods)
         check(bool(self.methods) and len(set(self.methods)) == len(self.methods), "methods",

@@ -23,6 +23,7 @@ from rlhf_toy.evaluate import SamplingArgs, sample_batched
 logger = logging.getLogger(__name__)
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+GOLD_COLUMNS = ("chosen_gold", "rejected_gold")
 
 
 def sft_dataset(task, n: int, seed: int) -> Dataset:
@@ -47,7 +48,10 @@ def build_preferences(policy, tokenizer, task, n_pairs: int, test_fraction: floa
     Returns:
         DatasetDict with `train` and `test` splits and string columns `prompt`, `chosen`,
         `rejected`, plus floats `chosen_gold`, `rejected_gold`, `p_chosen` (the
-        Bradley-Terry probability of the label that was drawn).
+        Bradley-Terry probability of the label that was drawn). Responses start with a
+        space: TRL's `DPOTrainer` tokenizes `prompt + response` as one string, and the
+        space keeps the prompt's last word and the response's first apart (the word-level
+        tokenizer splits on whitespace, so our own tokens are the same with or without it).
     """
     prompts = task.sample_prompts(n_pairs, random.Random(seed))
     _, resp_a = sample_batched(policy, tokenizer, prompts, sampling, seed=seed)
@@ -56,8 +60,8 @@ def build_preferences(policy, tokenizer, task, n_pairs: int, test_fraction: floa
     labels, probs = bradley_terry_labels(gold_a, gold_b, label_temperature, seed)
     rows = {"prompt": prompts, "chosen": [], "rejected": [], "chosen_gold": [],
             "rejected_gold": [], "p_chosen": []}
-    for a, b, ga, gb, a_wins, p in zip(resp_a, resp_b, gold_a, gold_b, labels, probs,
-                                       strict=True):
+    for a, b, ga, gb, a_wins, p in zip([" " + r for r in resp_a], [" " + r for r in resp_b],
+                                       gold_a, gold_b, labels, probs, strict=True):
         rows["chosen"].append(a if a_wins else b)
         rows["rejected"].append(b if a_wins else a)
         rows["chosen_gold"].append(ga if a_wins else gb)
@@ -130,6 +134,43 @@ def check_preference_rows(split: Dataset, what: str) -> None:
                        "only add noise)", what, same, n)
 
 
+def has_gold(data: Dataset) -> bool:
+    """Whether the pairs carry gold rewards (`chosen_gold`, `rejected_gold`)."""
+    return all(c in data.column_names for c in GOLD_COLUMNS)
+
+
+def unknown_token_id(tokenizer) -> int | None:
+    """The id of a tokenizer's unknown-word token, if it has one of its own: the project's
+    word-level tokenizer maps every word outside the task's vocabulary to it. None for
+    tokenizers without one, or whose `unk_token` is another special token (GPT-2's is EOS)."""
+    unk = tokenizer.unk_token_id
+    others = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    return None if unk is None or unk in others else unk
+
+
+def check_known_words(tokenizer, texts: list[str], column: str, what: str,
+                      rows: list[int] | None = None) -> None:
+    """Every word of `texts` is in the tokenizer's vocabulary (an unknown word would train
+    as the unknown token); the literal unknown token a policy sampled is allowed.
+
+    Raises:
+        UsageError: naming the column, the row (`rows[i]`, else i) and the first unknown word.
+    """
+    unk = unknown_token_id(tokenizer)
+    if unk is None:
+        return
+    for i, ids in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+        if unk not in ids:
+            continue
+        for word in texts[i].split():
+            if word != tokenizer.unk_token and unk in tokenizer(
+                    word, add_special_tokens=False)["input_ids"]:
+                raise UsageError(f"{what} row {i if rows is None else rows[i]}: {column!r} holds "
+                                 f"{word!r}, a word outside the tokenizer's vocabulary (the "
+                                 "task's words only; a model of your own takes any text: "
+                                 "--model_name_or_path)")
+
+
 def gold_accuracy(data: Dataset) -> float:
     """How often the gold reward itself ranks `chosen` above `rejected` (ties count 1/2):
     the ceiling any reward model can reach on these noisy labels."""
@@ -157,7 +198,11 @@ def tokenize_preferences(tokenizer, split, device, n_positions: int | None = Non
                          truncate_prompts: bool = False,
                          what: str = "the preference pairs") -> tuple[dict, dict]:
     """(chosen, rejected) tokenized datasets of one split, row i of each the same pair;
-    with `n_positions`, fitted to the context (`fit_pairs_to_context`)."""
+    with `n_positions`, fitted to the context (`fit_pairs_to_context`). A word outside the
+    tokenizer's vocabulary is an error (`check_known_words`)."""
+    rows = split["row"] if "row" in split.column_names else None
+    for column in PREFERENCE_COLUMNS:
+        check_known_words(tokenizer, split[column], column, what, rows)
     chosen = tokenize_pairs(tokenizer, split["prompt"], split["chosen"], device)
     rejected = tokenize_pairs(tokenizer, split["prompt"], split["rejected"], device)
     if n_positions is not None:

@@ -18,6 +18,7 @@ from rlhf_toy.models import response_logits, reward_scores
 from rlhf_toy.rollout import Samples, decode_responses, encode_prompts, sample
 
 EVAL_PROMPT_SEED = 20_231_129
+NO_GOLD = "no gold reward"  # what summaries and reports say where there is no gold reward
 
 
 def eval_prompts(task, n: int) -> list[str]:
@@ -67,18 +68,20 @@ def evaluate_policy(policy, tokenizer, task, prompts: list[str], args: SamplingA
         `kl_to_ref`: the sequence-level KL(pi || ref) estimated from the samples as the mean of
         sum_t (log pi - log ref) (the k1 estimator summed over the response); plus the
         per-sample lists `responses`, `gold`; with `audit_model` (a second reward model),
-        `audit_reward` (its mean score).
+        `audit_reward` (its mean score). With `task` None (a user's prompts, no gold reward)
+        `gold_reward` and `gold` are left out.
     """
     was_training = policy.training
     policy.eval()
     batches, texts = sample_batched(policy, tokenizer, prompts, args, seed)
-    gold = task.gold_batch(prompts, texts)
     result = {
-        "gold_reward": sum(gold) / len(gold),
         "response_len": float(torch.cat([b.mask.sum(-1) for b in batches]).float().mean()),
         "eos_frac": float(torch.cat([b.ended_with_eos for b in batches]).float().mean()),
-        "responses": texts, "gold": gold,
+        "responses": texts,
     }
+    if task is not None:
+        gold = task.gold_batch(prompts, texts)
+        result = {"gold_reward": sum(gold) / len(gold), **result, "gold": gold}
     for key, model in (("proxy_reward", reward_model), ("audit_reward", audit_model)):
         if model is not None:
             scores = torch.cat([reward_scores(model, b.prompt_ids, b.prompt_mask,
@@ -90,6 +93,14 @@ def evaluate_policy(policy, tokenizer, task, prompts: list[str], args: SamplingA
         result["kl_to_ref"] = float(kl.mean())
     policy.train(was_training)
     return result
+
+
+def gold_summary(before: float | None, after: float | None) -> dict:
+    """The gold keys of a method's summary: `gold_reward_before`, `gold_reward_after`, or
+    `gold: NO_GOLD` where there is no gold reward (None)."""
+    if after is None:
+        return {"gold": NO_GOLD}
+    return {"gold_reward_before": before, "gold_reward_after": after}
 
 
 def win_rate(gold_a: list[float], gold_b: list[float]) -> float:

@@ -53,9 +53,10 @@ import torch
 
 from rlhf_toy.config import _f, check
 from rlhf_toy.credit import group_size, load_credits, read_checkpoint
+from rlhf_toy.datafiles import run_prompts
 from rlhf_toy.errors import UsageError
+from rlhf_toy.evaluate import NO_GOLD
 from rlhf_toy.rollout import decode_responses, encode_prompts, sample
-from rlhf_toy.tasks import get_task
 from rlhf_toy.train.memory import check_memory
 
 COLUMNS = ("token", "logprob", "ref_logprob", "kl", "reward", "value", "return", "advantage")
@@ -155,16 +156,22 @@ def inspect_methods(checkpoints: list[str], n: int = 4, prompt: str = "", seed: 
     check(n % group == 0, "n", f"a multiple of {group} (completions are scored in groups of "
           "num_generations per prompt)", n)
     first, tokenizer = credits[0].sampling, credits[0].tokenizer
-    task = get_task(credits[0].task_name)
-    prompts = _prompts(task, tokenizer, first.policy, n, prompt, seed, first.max_new_tokens,
-                       group)
+    task, prompt_source = run_prompts(checkpoints[0], credits[0].task_name, tokenizer)
+    prompts = _prompts(prompt_source, tokenizer, first.policy, n, prompt, seed,
+                       first.max_new_tokens, group)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, dev)
     with torch.no_grad():
         s = sample(first.policy, prompt_ids, prompt_mask, first.max_new_tokens,
                    tokenizer.eos_token_id, tokenizer.pad_token_id, first.temperature,
                    first.top_k, generator=torch.Generator(device=dev).manual_seed(seed))
-    gold = task.gold_batch(prompts, decode_responses(tokenizer, s.response_ids, s.mask))
+    gold = None if task is None else task.gold_batch(
+        prompts, decode_responses(tokenizer, s.response_ids, s.mask))
     return [c.report(s, prompts, gold) for c in credits]
+
+
+def gold_text(rec: dict) -> str:
+    """A sample's gold reward as shown, or NO_GOLD."""
+    return NO_GOLD if rec["gold"] is None else f"gold={rec['gold']:.3f}"
 
 
 def inspect_samples(checkpoint: str, n: int = 4, prompt: str = "", seed: int = 0,
@@ -196,7 +203,7 @@ def describe(report: dict) -> str:
 
 def sample_header(i: int, rec: dict) -> str:
     return (f"#{i} prompt: {rec['prompt']!r}  response: {rec['response']!r}  "
-            f"score={rec['score']:+.3f}  gold={rec['gold']:.3f}  KL={sequence_kl(rec):+.3f}")
+            f"score={rec['score']:+.3f}  {gold_text(rec)}  KL={sequence_kl(rec):+.3f}")
 
 
 def _present(report: dict) -> list[str]:
@@ -284,7 +291,7 @@ def _html_view(report: dict) -> str:
             spans.append(f'<span class="tok" tabindex="0" '
                          f'style="background:{_rgba(rec[key][t] / scale)}">'
                          f"{html.escape(token)}{tip}</span>")
-        stats = (f"score {rec['score']:+.3f} &middot; gold {rec['gold']:.3f} &middot; "
+        stats = (f"score {rec['score']:+.3f} &middot; {gold_text(rec).replace('=', ' ')} &middot; "
                  f"KL {sequence_kl(rec):+.3f}")
         rows.append(f'<div class="sample"><div class="head"><b>#{i}</b> '
                     f'<span class="stats">{stats}</span></div><div class="toks">'
@@ -399,5 +406,6 @@ def run_inspect(cfg: InspectConfig) -> dict:
     samples = report["samples"]
     return {"stage": report["stage"], "samples": len(samples),
             "score": sum(s["score"] for s in samples) / len(samples),
-            "gold": sum(s["gold"] for s in samples) / len(samples),
+            "gold": (NO_GOLD if samples[0]["gold"] is None
+                     else sum(s["gold"] for s in samples) / len(samples)),
             "kl": sum(sequence_kl(s) for s in samples) / len(samples)}

@@ -34,6 +34,8 @@ def lean_gpt2_supported(model, kinds: tuple[type, ...] = (GPT2LMHeadModel,)) -> 
     c = getattr(model, "config", None)
     if type(model) not in kinds or "forward" in vars(model):
         return False
+    if model.training and model.transformer.gradient_checkpointing:  # lean keeps activations
+        return False
     modules = (model, model.transformer, *model.transformer.h)
     if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
         return False

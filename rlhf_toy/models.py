@@ -10,6 +10,7 @@ derived from the attention mask so that left padding never shifts positions.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -21,6 +22,7 @@ from rlhf_toy.core import last_token_index
 from rlhf_toy.errors import UsageError
 from rlhf_toy.integrity import check_safetensors, error_reason, read_json_file, verify_manifest
 from rlhf_toy.lean_gpt2 import attention_mask_4d, lean_gpt2_hidden, lean_gpt2_supported
+from rlhf_toy.lora import holds_adapter, load_adapter_model
 
 VALUE_HEAD_FILE = "value_head.pt"
 AUDIT_DIR = "audit"  # the reward stage's audit reward model, inside its output_dir
@@ -70,6 +72,8 @@ def load_policy(path: str) -> GPT2LMHeadModel:
     if "GPT2LMHeadModel" not in config.get("architectures", []):
         raise UsageError(f"policy checkpoint {path!r} holds a {config.get('architectures')} "
                          "model, not a GPT2LMHeadModel policy")
+    if holds_adapter(path):  # base + LoRA adapter, merged
+        return load_adapter_model(path, "policy", load_policy)
     return _from_pretrained(GPT2LMHeadModel, path, "policy")
 
 
@@ -79,12 +83,23 @@ def load_reward_model(path: str) -> GPT2ForSequenceClassification:
     if "GPT2ForSequenceClassification" not in config.get("architectures", []):
         raise UsageError(f"reward checkpoint {path!r} holds a {config.get('architectures')} "
                          "model, not a GPT2ForSequenceClassification reward model")
+    if holds_adapter(path):  # base (the SFT policy) + adapter and trained score head, merged
+        return load_adapter_model(path, "reward model",
+                                  lambda base: reward_model_from_policy(base, 0.0))
     return _from_pretrained(GPT2ForSequenceClassification, path, "reward model")
 
 
 def reward_model_from_policy(sft_dir: str, head_init_std: float) -> GPT2ForSequenceClassification:
     """A reward model whose backbone starts from the SFT policy and whose head starts small."""
     _check_checkpoint(sft_dir, "SFT")
+    if holds_adapter(sft_dir):  # an SFT adapter: the merged policy's backbone
+        policy = load_policy(sft_dir)
+        config = copy.deepcopy(policy.config)
+        config.num_labels, config.architectures = 1, ["GPT2ForSequenceClassification"]
+        model = GPT2ForSequenceClassification(config)
+        model.transformer.load_state_dict(policy.transformer.state_dict())
+        nn.init.normal_(model.score.weight, std=head_init_std)
+        return model
     # "newly initialized: score.weight" and "layers were not sharded" are expected here
     loggers = [logging.getLogger(f"transformers.{name}")
                for name in ("modeling_utils", "distributed.tensor_parallel")]

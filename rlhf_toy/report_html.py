@@ -3,7 +3,7 @@
     python -m rlhf_toy.report_html runs/demo/compare/summary.json   # writes report.html beside it
 
 `render_compare_html(summary)` reads only the compare summary dict (what `summary.json`
-holds): every entry that is a dict with a `gold_reward` is a method (a row), its numeric
+holds): every entry that is a dict with a `kl_to_ref` is a method (a row), its numeric
 keys are the columns (a `<key>_se` beside `<key>` is shown as `value ± se`); `sweep`
 (a list of points) becomes a second table, `verdict["sentence"]` a paragraph, and every
 PNG named in `plots` is embedded as a data URI, so the page is one file that opens anywhere.
@@ -53,7 +53,7 @@ document.querySelectorAll("table.sortable th").forEach(function (th, col) {
 
 
 def _methods(summary: dict) -> list[str]:
-    return [k for k, v in summary.items() if isinstance(v, dict) and "gold_reward" in v]
+    return [k for k, v in summary.items() if isinstance(v, dict) and "kl_to_ref" in v]
 
 
 def _is_number(x) -> bool:
@@ -102,6 +102,9 @@ def render_compare_html(summary: dict) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="note">Every policy sampled on the same {summary.get("n_eval_prompts", "?")}'
              " held-out prompts. Click a column header to sort.</p>",
+             *([f"<p><b>{html.escape(str(summary['gold']).capitalize())}:</b> the prompts are "
+                "the user's; proxy reward and KL are measured, no gold.</p>"]
+               if "gold" in summary else []),
              _table([(m, summary[m]) for m in _methods(summary)], "method")]
     if summary.get("sweep"):
         parts += ["<h2>Frontier sweep</h2>",

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from rlhf_toy.config import to_dict
 from rlhf_toy.errors import NonFiniteError, StorageError, UsageError
 from rlhf_toy.integrity import error_reason, verify_manifest, write_manifest
+from rlhf_toy.lora import holds_adapter, load_adapter_weights, save_adapter_extras
 from rlhf_toy.train.rundir import CHECKPOINT_PREFIX, checkpoint_step, commit_run, current_run
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def save_checkpoint(output_dir: str, step: int, model: Any, state: dict) -> str:
     try:
         tmp = tempfile.mkdtemp(dir=output_dir, prefix=f".tmp-{CHECKPOINT_PREFIX}{step}-")
         model.save_pretrained(tmp)
+        save_adapter_extras(model, tmp)
         torch.save({"step": step, "rng": rng_state(), **state}, os.path.join(tmp, TRAINER_STATE))
         write_manifest(tmp)
         _fsync_dir(tmp)
@@ -166,8 +168,12 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
 
     what = f"resume_from_checkpoint {path!r}"
     policy = getattr(model, "policy", model)  # a GPT-2 policy or reward model
-    saved = (load_policy if hasattr(policy, "lm_head") else load_reward_model)(path)
-    parts = [(policy, saved.state_dict())]
+    parts = []
+    if holds_adapter(path):  # LoRA: the adapter weights into the live adapters
+        load_adapter_weights(policy, path, what)
+    else:
+        saved = (load_policy if hasattr(policy, "lm_head") else load_reward_model)(path)
+        parts.append((policy, saved.state_dict()))
     for name, file in (("value_head", VALUE_HEAD_FILE), ("critic", "critic.pt")):
         if hasattr(model, name):
             parts.append((getattr(model, name), load_torch_file(os.path.join(path, file), what)))
@@ -182,9 +188,11 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
 
 # fields that may differ between a checkpoint's run and the run resuming it
 _RESUME_MAY_CHANGE = {"output_dir", "resume_from_checkpoint", "save_steps", "logging_steps",
-                      "device", "sft_dir", "reward_dir", "prefs_dir", "overwrite_output_dir"}
+                      "device", "sft_dir", "reward_dir", "prefs_dir", "overwrite_output_dir",
+                      "gradient_checkpointing", "report_to"}
 # fields that decide which weights a checkpoint holds: resuming with another value is refused
-_RESUME_MUST_MATCH = ("critic", "n_layer", "n_embd", "n_head", "n_positions")
+_RESUME_MUST_MATCH = ("critic", "n_layer", "n_embd", "n_head", "n_positions", "use_peft",
+                      "lora_r", "lora_target_modules")
 
 
 class Checkpointer:

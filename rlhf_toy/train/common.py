@@ -3,6 +3,7 @@ input checks and the non-finite guard. Checkpoints are `train/checkpoint.py`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -14,10 +15,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 
+from rlhf_toy.config import to_dict
 from rlhf_toy.errors import NonFiniteError, StorageError, UsageError
 from rlhf_toy.integrity import error_reason, write_json, write_manifest  # noqa: F401 - write_json re-exported
+from rlhf_toy.lora import save_adapter_extras
 from rlhf_toy.sharding import plain
 from rlhf_toy.train.checkpoint import (
     Checkpointer,
@@ -28,6 +31,7 @@ from rlhf_toy.train.checkpoint import (
 from rlhf_toy.train.memory import check_memory
 from rlhf_toy.train.rundir import (  # noqa: F401 - read_run_config re-exported
     RUN_CONFIG,
+    TRACKER_DIR,
     check_inputs,
     commit_run,
     open_run_dir,
@@ -37,8 +41,22 @@ from rlhf_toy.train.rundir import (  # noqa: F401 - read_run_config re-exported
 
 logger = logging.getLogger(__name__)
 
+def tracker_options(cfg: Any) -> dict:
+    """The `Accelerator` arguments of `--report_to`: none, or the tracker and where it
+    writes (OUTPUT_DIR/tensorboard/). A tracker whose package is missing: one line."""
+    report_to = getattr(cfg, "report_to", "none")
+    if report_to == "none":
+        return {}
+    if importlib.util.find_spec(report_to) is None:  # each tracker's package has its name
+        raise UsageError(f"report_to {report_to} needs the {report_to} package: "
+                         f"pip install {report_to}")
+    return {"log_with": report_to, "project_config": ProjectConfiguration(
+        project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, TRACKER_DIR))}
+
+
 def make_accelerator(cfg: Any) -> Accelerator:
-    """One `Accelerator` per stage: device, mixed precision, gradient accumulation.
+    """One `Accelerator` per stage: device, mixed precision, gradient accumulation and the
+    tracker of `--report_to` (started by `MetricsLog` at the run's first row).
 
     accelerate keeps one mixed-precision setting per process; a pipeline runs stages with
     different settings in one process, so each stage starts from a fresh state (the
@@ -46,7 +64,8 @@ def make_accelerator(cfg: Any) -> Accelerator:
     """
     AcceleratorState._reset_state()
     acc = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
-                      gradient_accumulation_steps=getattr(cfg, "gradient_accumulation_steps", 1))
+                      gradient_accumulation_steps=getattr(cfg, "gradient_accumulation_steps", 1),
+                      **tracker_options(cfg))
     if cfg.device == "cuda" and acc.device.type != "cuda":
         raise UsageError("device must be cpu or auto here: no CUDA device is available")
     set_seed(cfg.seed, device_specific=False)
@@ -85,6 +104,7 @@ def finish_stage(cfg: Any, acc: Accelerator, model: Any, tokenizer: Any, summary
         try:
             if model is not None:
                 model.save_pretrained(cfg.output_dir)
+                save_adapter_extras(model, cfg.output_dir)
                 tokenizer.save_pretrained(cfg.output_dir)
             write_manifest(cfg.output_dir)
             write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
@@ -94,21 +114,26 @@ def finish_stage(cfg: Any, acc: Accelerator, model: Any, tokenizer: Any, summary
                     else "no checkpoint was saved")
             raise StorageError(f"saving the final files into {cfg.output_dir!r} failed "
                                f"({error_reason(exc)}); {kept}") from None
+    acc.end_training()
     release_run(cfg.output_dir)
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per logged step, flushed as it is written.
+    """`metrics.jsonl`: one JSON object per logged step, flushed as it is written; its
+    numbers also go to the accelerator's trackers (`--report_to`), if it has any.
 
     A resumed run keeps the rows written before its checkpoint; the file is rewritten
     (atomically) only at the run's first new row, so a run that fails before producing
-    anything leaves the earlier metrics as they were."""
+    anything leaves the earlier metrics as they were. The trackers start at that moment
+    too (after the run directory's commit has retired an earlier run's events)."""
 
     def __init__(self, output_dir: str, enabled: bool = True, keep_rows: int | None = None,
-                 keep_until_step: int | None = None):
+                 keep_until_step: int | None = None, acc: Accelerator | None = None,
+                 config: dict | None = None):
         self.output_dir = output_dir
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.enabled = enabled
+        self.acc, self.config = acc, config or {}
         self._kept = self._read_kept(keep_rows, keep_until_step) if enabled else []
         self._flushed = False
         self.count = len(self._kept)  # rows of this run's record so far
@@ -135,6 +160,11 @@ class MetricsLog:
             fh.writelines(self._kept)
         os.replace(tmp, self.path)
         self._flushed = True
+        if self.acc is not None and self.acc.log_with and not self.acc.trackers:
+            # hyperparameters as trackers take them: scalars only
+            hparams = {k: v for k, v in self.config.items()
+                       if isinstance(v, (bool, int, float, str))}
+            self.acc.init_trackers("rlhf_toy", config=hparams)
 
     def write(self, step: int, **metrics: float) -> None:
         if not self.enabled:
@@ -144,6 +174,9 @@ class MetricsLog:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.count += 1
+        if self.acc is not None and self.acc.trackers:
+            self.acc.log({k: v for k, v in row.items() if k != "step" and _is_number(v)},
+                         step=step)
 
 
 def _row_step(line: str) -> float:
@@ -151,6 +184,10 @@ def _row_step(line: str) -> float:
         return json.loads(line).get("step", 0)
     except json.JSONDecodeError:
         return float("inf")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _plain(v: Any) -> Any:
@@ -171,9 +208,11 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
 
 
 def stage_line(stage: str, summary: dict, keys: list[str]) -> str:
-    """One line with a stage's headline numbers."""
+    """One line with a stage's headline numbers (and "no gold reward" where a run had none)."""
     parts = [f"{k}={summary[k]:.3f}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
              for k in keys if k in summary]
+    if "gold" not in keys and isinstance(summary.get("gold"), str):
+        parts.append(summary["gold"])
     return f"[{stage}] " + "  ".join(parts)
 
 
@@ -270,6 +309,6 @@ def open_run(cfg: Any, stage: str, acc: Accelerator, model: Any,
     if resumed:
         keep = ({"keep_rows": resumed["metrics_rows"]} if "metrics_rows" in resumed
                 else {"keep_until_step": resumed["step"]})
-    log = MetricsLog(cfg.output_dir, acc.is_main_process, **keep)
+    log = MetricsLog(cfg.output_dir, acc.is_main_process, **keep, acc=acc, config=to_dict(cfg))
     ckpt.log = log
     return ckpt, resumed, log

@@ -31,8 +31,10 @@ from accelerate.utils import DistributedType
 
 from rlhf_toy.config import DPOConfig
 from rlhf_toy.core import PREFERENCE_LOSSES, logprobs_from_logits
-from rlhf_toy.data import load_preferences, select_batch, tokenize_preferences
-from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
+from rlhf_toy.data import select_batch, tokenize_preferences
+from rlhf_toy.datafiles import load_preference_data, prefs_source, stage_prompts
+from rlhf_toy.evaluate import SamplingArgs, evaluate_policy, gold_summary
+from rlhf_toy.lora import apply_lora, enable_checkpointing, reference_model
 from rlhf_toy.models import freeze, load_policy, load_reward_model, response_logits
 from rlhf_toy.sharding import sampling_policy
 from rlhf_toy.tasks import get_task
@@ -258,7 +260,7 @@ def set_learning_rate(optimizer, cfg: DPOConfig, step: int) -> float:
 class DPOContext:
     """Everything a DPO run reads besides the policy: frozen models, data, evaluation setup."""
 
-    task: object
+    task: object  # None with prompts_path: no gold reward
     tokenizer: object
     ref_model: torch.nn.Module
     reward_model: torch.nn.Module
@@ -268,24 +270,29 @@ class DPOContext:
     sampling: SamplingArgs
 
 
-def build_context(cfg: DPOConfig, acc) -> DPOContext:
+def build_context(cfg: DPOConfig, acc, policy) -> DPOContext:
     """Load the frozen reference and reward model, tokenize both splits, cache reference
     log-probs (under the same autocast as the policy's forward; none for a reference-free
-    loss, whose reference model serves the KL of the evaluation only)."""
-    task = get_task(cfg.task)
-    check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
-    prefs = load_preferences(cfg.prefs_dir)
-    ref_model = freeze(load_policy(cfg.sft_dir)).to(acc.device)
+    loss, whose reference model serves the KL of the evaluation only). The reference of a
+    LoRA `policy` is the policy with its adapter disabled, not a second copy."""
+    # evaluation prompts from the task (with its gold reward), or from prompts_path (no gold)
+    task = None if cfg.prompts_path else get_task(cfg.task)
+    if task is not None:
+        check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
+    ref_model = reference_model(policy, lambda: load_policy(cfg.sft_dir)).to(acc.device)
     reward_model = freeze(load_reward_model(cfg.reward_dir)).to(acc.device)
     tokenizer = load_tokenizer(cfg.sft_dir)
     check_vocab(tokenizer, cfg.sft_dir, ref_model, reward_model)
+    prefs = load_preference_data(cfg, tokenizer)
+    _, held_out = stage_prompts(cfg, task, tokenizer,
+                                getattr(ref_model.config, "n_positions", None))
     with acc.autocast():
         train, test = (preference_tensors(prefs[split], tokenizer, ref_model, acc.device,
-                                          cfg.truncate_prompts, f"{cfg.prefs_dir} ({split})",
+                                          cfg.truncate_prompts,
+                                          f"{prefs_source(cfg)} ({split})",
                                           PREFERENCE_LOSSES[cfg.loss_type].reference_free)
                        for split in ("train", "test"))
-    return DPOContext(task, tokenizer, ref_model, reward_model, train, test,
-                      eval_prompts(task, cfg.n_eval_prompts),
+    return DPOContext(task, tokenizer, ref_model, reward_model, train, test, held_out,
                       SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k))
 
 
@@ -295,8 +302,8 @@ def evaluate(model, ctx: DPOContext, cfg: DPOConfig) -> dict[str, float]:
         ev = evaluate_policy(policy, ctx.tokenizer, ctx.task, ctx.held_out, ctx.sampling,
                              cfg.seed, ctx.reward_model, ctx.ref_model)
     pairs = evaluate_pairs(model, ctx.test, loss_fn(cfg), ctx.tokenizer.pad_token_id)
-    return {"eval_gold": ev["gold_reward"], "eval_proxy": ev["proxy_reward"],
-            "eval_kl": ev["kl_to_ref"], "response_len": ev["response_len"],
+    return {**({"eval_gold": ev["gold_reward"]} if "gold_reward" in ev else {}),
+            "eval_proxy": ev["proxy_reward"], "eval_kl": ev["kl_to_ref"], "response_len": ev["response_len"],
             "eos_frac": ev["eos_frac"], **pairs}
 
 
@@ -310,10 +317,11 @@ def run_dpo(cfg: DPOConfig) -> dict:
         `wall_s`, ...
     """
     acc, t0 = start_stage(cfg, "dpo")
-    ctx = build_context(cfg, acc)
-    model = load_policy(cfg.sft_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay,
+    model = apply_lora(load_policy(cfg.sft_dir), cfg, cfg.sft_dir)
+    enable_checkpointing(model, cfg)
+    ctx = build_context(cfg, acc, model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   # one fused kernel per step (FSDP keeps foreach)
                                   fused=acc.distributed_type != DistributedType.FSDP)
     model, optimizer = acc.prepare(model, optimizer)
@@ -355,7 +363,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         row = {"loss": value.item(), "learning_rate": optimizer.param_groups[0]["lr"], **stats}
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
             row.update(evaluate(unwrapped, ctx, cfg))
-        if step < cfg.max_steps and (step % cfg.logging_steps == 0 or "eval_gold" in row):
+        if step < cfg.max_steps and (step % cfg.logging_steps == 0 or "eval_proxy" in row):
             log.write(step, **row)
         ckpt.maybe_save(step, state)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{stats['reward_accuracy']:.2f}")
@@ -371,7 +379,7 @@ def _finish(cfg: DPOConfig, acc, model, ctx: DPOContext, log: MetricsLog,
 
     `rows` is (evaluation before training, evaluation after, the last training row)."""
     before, after, last_row = rows
-    summary = {"gold_reward_before": before["eval_gold"], "gold_reward_after": after["eval_gold"],
+    summary = {**gold_summary(before.get("eval_gold"), after.get("eval_gold")),
                "proxy_reward_before": before["eval_proxy"],
                "proxy_reward_after": after["eval_proxy"], "kl_to_ref": after["eval_kl"],
                "eval_accuracy_before": before["eval_accuracy"],

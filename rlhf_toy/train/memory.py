@@ -47,6 +47,8 @@ def estimate(cfg: Any, stage: str) -> list[tuple[int, str, str]]:
     params = n_layer * 12 * n_embd**2 + (vocab + length) * n_embd
     models = {"sft": 4, "reward": 4, "ppo": 7, "dpo": 6, "prefs": 1, "compare": 3,
               "inspect": 3}.get(stage, 1)  # copies: trained (x4 with AdamW state) + frozen
+    if getattr(cfg, "use_peft", False):  # LoRA: one frozen base (the reference too), + reward
+        models = {"ppo": 2, "dpo": 2}.get(stage, 1)
     parts = [(models * params * FLOAT, f"a model of {params:,} parameters",
               "n_layer, n_embd or n_positions" if stage == "sft" else "the model's size")]
     rows = {"sft": cfg_get(cfg, "batch_size"), "reward": 2 * cfg_get(cfg, "batch_size"),

@@ -34,7 +34,9 @@ from rlhf_toy.core import (
     masked_mean,
     masked_var,
 )
-from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
+from rlhf_toy.datafiles import stage_prompts
+from rlhf_toy.evaluate import SamplingArgs, evaluate_policy, gold_summary
+from rlhf_toy.lora import apply_lora, enable_checkpointing, reference_model
 from rlhf_toy.models import (
     AUDIT_DIR,
     CriticFreePolicy,
@@ -266,11 +268,13 @@ def warn_unhealthy(row: dict[str, float], it: int, warned: set[str]) -> None:
             warned.add(metric)
 
 
-def rollout_stats(batch: Rollout, gold: list[float], eos_token_id: int) -> dict[str, float]:
-    """Per-iteration diagnostics of a rollout (gold is logged only, never trained on);
-    `explained_var` of the critic where there is one."""
+def rollout_stats(batch: Rollout, gold: list[float] | None,
+                  eos_token_id: int) -> dict[str, float]:
+    """Per-iteration diagnostics of a rollout (gold, where there is one, is logged only,
+    never trained on); `explained_var` of the critic where there is one."""
     kl_seq = ((batch.logprobs - batch.ref_logprobs) * batch.mask).sum(-1)  # (B, T) -> (B,)
-    row = {"score": batch.raw_scores.mean().item(), "gold": sum(gold) / len(gold),
+    row = {"score": batch.raw_scores.mean().item(),
+           **({"gold": sum(gold) / len(gold)} if gold is not None else {}),
            "kl": kl_seq.mean().item()}
     if batch.values is not None:
         residual_var = masked_var(batch.returns - batch.values, batch.mask)
@@ -282,8 +286,8 @@ def rollout_stats(batch: Rollout, gold: list[float], eos_token_id: int) -> dict[
 
 
 def iteration_prompts(task, cfg: OnPolicyConfig, it_seed: int) -> list[str]:
-    """batch_size / num_generations task prompts, each repeated num_generations times in a
-    row (a group's completions are contiguous)."""
+    """batch_size / num_generations prompts of `task` (a task, or a user's `datafiles.PromptList`),
+    each repeated num_generations times in a row (a group's completions are contiguous)."""
     prompts = task.sample_prompts(cfg.batch_size // cfg.num_generations, random.Random(it_seed))
     return [p for p in prompts for _ in range(cfg.num_generations)]
 
@@ -303,7 +307,10 @@ def build_models(method: OnPolicyMethod, cfg: OnPolicyConfig, acc):
     frozen reference policy, the frozen reward model and the tokenizer."""
     reward_model = freeze(load_reward_model(cfg.reward_dir))
     model = method.build_model(cfg)
-    ref_model = freeze(load_policy(cfg.sft_dir))
+    model.policy = apply_lora(model.policy, cfg, cfg.sft_dir)
+    enable_checkpointing(model, cfg)  # the policy's and a separate critic's
+    # with LoRA, the policy's base with the adapter disabled (one copy of the base weights)
+    ref_model = reference_model(model.policy, lambda: load_policy(cfg.sft_dir))
     tokenizer = load_tokenizer(cfg.sft_dir)
     check_vocab(tokenizer, cfg.sft_dir, model.policy, reward_model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -324,8 +331,8 @@ def load_audit_model(cfg: OnPolicyConfig):
 def eval_row(ev: dict, monitor: OveroptimizationMonitor, it: int) -> dict[str, float]:
     """The metrics.jsonl fields of one held-out evaluation; feeds the over-optimization
     monitor and warns once when it fires."""
-    row = {"eval_gold": ev["gold_reward"], "eval_proxy": ev["proxy_reward"],
-           "eval_kl": ev["kl_to_ref"]}
+    row = {**({"eval_gold": ev["gold_reward"]} if "gold_reward" in ev else {}),
+           "eval_proxy": ev["proxy_reward"], "eval_kl": ev["kl_to_ref"]}
     if "audit_reward" in ev:
         row["eval_audit"] = ev["audit_reward"]
     if monitor.update(it, ev["proxy_reward"], ev["kl_to_ref"], ev.get("audit_reward")):
@@ -337,17 +344,20 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
     """Train with `method` for `cfg.max_steps` iterations; write the model, `metrics.jsonl`
     and `summary.json` (gold/proxy before and after, KL to the reference, wall time)."""
     acc, t0 = start_stage(cfg, method.stage)
-    task = get_task(cfg.task)
-    check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
+    # prompts from the task (with its gold reward), or from prompts_path (no gold)
+    task = None if cfg.prompts_path else get_task(cfg.task)
+    if task is not None:
+        check_context(cfg.sft_dir, task.max_prompt_tokens, cfg.max_new_tokens)
     model, unwrapped, optimizer, ref_model, reward_model, tokenizer = build_models(method, cfg,
                                                                                   acc)
+    prompt_source, held_out = stage_prompts(cfg, task, tokenizer,
+                                            getattr(ref_model.config, "n_positions", None))
     kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.beta))
     audit_model = load_audit_model(cfg)
     audit_model = audit_model.to(acc.device) if audit_model is not None else None
     monitor = OveroptimizationMonitor(cfg.overopt_drop)
     args = SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
-    held_out = eval_prompts(task, cfg.n_eval_prompts)
 
     def evaluate() -> dict:
         with sampling_policy(unwrapped.policy) as policy:
@@ -373,7 +383,7 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
         # every iteration's draws are a function of (seed, iteration, process): resumable
         it_seed = cfg.seed * 1_000_003 + it * 7919 + acc.process_index
         gen = torch.Generator(device=acc.device).manual_seed(it_seed)
-        prompts = iteration_prompts(task, cfg, it_seed)
+        prompts = iteration_prompts(prompt_source, cfg, it_seed)
         unwrapped.eval()
         batch = collect_rollout(method, unwrapped, ref_model, reward_model, tokenizer, prompts,
                                 cfg, kl_ctl.value, gen)
@@ -382,8 +392,8 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
                                advantages=batch.advantages)
         if bad:  # nothing of this iteration is applied yet: save the state after it - 1
             raise ckpt.fail(bad, it, state)
-        gold = task.gold_batch(prompts, decode_responses(tokenizer, batch.response_ids,
-                                                         batch.mask))
+        gold = None if task is None else task.gold_batch(
+            prompts, decode_responses(tokenizer, batch.response_ids, batch.mask))
         if cfg.inspect_steps and it % cfg.inspect_steps == 0 and acc.is_main_process:
             write_training_snapshot(cfg.output_dir, it, batch, tokenizer, prompts, gold, cfg,
                                     kl_ctl.value, stage=method.stage)
@@ -400,10 +410,11 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
         warn_unhealthy(row, it, warned)
         if cfg.eval_steps and it % cfg.eval_steps == 0 and it < cfg.max_steps:
             row.update(eval_row(evaluate(), monitor, it))
-        if it % cfg.logging_steps == 0 or it == cfg.max_steps or "eval_gold" in row:
+        if it % cfg.logging_steps == 0 or it == cfg.max_steps or "eval_proxy" in row:
             log.write(it, **row)
         ckpt.maybe_save(it, state)
-        bar.set_postfix(score=f"{row['score']:.2f}", gold=f"{row['gold']:.2f}",
+        bar.set_postfix(score=f"{row['score']:.2f}",
+                        **({"gold": f"{row['gold']:.2f}"} if "gold" in row else {}),
                         kl=f"{row['kl']:.2f}")
         bar.update(1)
     bar.close()
@@ -416,7 +427,7 @@ def finish(cfg: OnPolicyConfig, acc, unwrapped, tokenizer, log, before: dict, af
     over-optimization indicator's `overoptimization`); the main process saves the model,
     the tokenizer and `summary.json`."""
     final = eval_row(after, monitor, cfg.max_steps)
-    summary = {"gold_reward_before": before["gold_reward"], "gold_reward_after": after["gold_reward"],
+    summary = {**gold_summary(before.get("gold_reward"), after.get("gold_reward")),
                "proxy_reward_before": before["proxy_reward"],
                "proxy_reward_after": after["proxy_reward"], "kl_to_ref": after["kl_to_ref"],
                "response_len": after["response_len"], "eos_frac": after["eos_frac"],

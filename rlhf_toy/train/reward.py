@@ -20,7 +20,10 @@ import torch
 
 from rlhf_toy.config import RewardConfig
 from rlhf_toy.core import bradley_terry_loss
-from rlhf_toy.data import gold_accuracy, load_preferences, select_batch, tokenize_preferences
+from rlhf_toy.data import gold_accuracy, has_gold, select_batch, tokenize_preferences
+from rlhf_toy.datafiles import load_preference_data, prefs_source
+from rlhf_toy.evaluate import NO_GOLD
+from rlhf_toy.lora import apply_lora, enable_checkpointing, save_adapter_extras
 from rlhf_toy.models import AUDIT_DIR, reward_model_from_policy, reward_scores
 from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
@@ -72,35 +75,46 @@ def fit_pairs(model, optimizer, acc, chosen: dict, rejected: dict, steps: int, c
     model.eval()
 
 
+def trainable_reward_model(cfg: RewardConfig):
+    """The reward model to train: from the SFT policy; with `use_peft`, LoRA on the backbone
+    and the score head trained in full."""
+    model = apply_lora(reward_model_from_policy(cfg.sft_dir, cfg.head_init_std), cfg,
+                       cfg.sft_dir, modules_to_save=["score"])
+    enable_checkpointing(model, cfg)
+    return model
+
+
 def train_audit(cfg: RewardConfig, acc, train: tuple[dict, dict], test: tuple[dict, dict]) -> dict:
     """The audit reward model: trained on the test pairs, scored on the train pairs (the
     main model's training data, which the audit model never sees). Saved to OUTPUT_DIR/audit/."""
-    model = reward_model_from_policy(cfg.sft_dir, cfg.head_init_std).to(acc.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
+    model = trainable_reward_model(cfg).to(acc.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     fit_pairs(model, optimizer, acc, *test, cfg.audit_steps, cfg, cfg.seed + 1)
     result = evaluate_pairs(model, *train, cfg.eval_batch_size)
     if acc.is_main_process:
         commit_run(cfg.output_dir)  # the run's first write when it logged nothing before
         model.save_pretrained(os.path.join(cfg.output_dir, AUDIT_DIR))
+        save_adapter_extras(model, os.path.join(cfg.output_dir, AUDIT_DIR))
     return {"audit_accuracy": result["eval_accuracy"], "audit_loss": result["eval_loss"]}
 
 
 def run_reward(cfg: RewardConfig) -> dict:
     acc, t0 = start_stage(cfg, "reward")
-    prefs = load_preferences(cfg.prefs_dir)
     tokenizer = load_tokenizer(cfg.sft_dir)
-    model = reward_model_from_policy(cfg.sft_dir, cfg.head_init_std)
+    prefs = load_preference_data(cfg, tokenizer)  # every check before training
+    model = trainable_reward_model(cfg)
     check_vocab(tokenizer, cfg.sft_dir, model)
     fit = {"n_positions": model.config.n_positions, "truncate_prompts": cfg.truncate_prompts}
+    source = prefs_source(cfg)
     train_c, train_r = tokenize_preferences(tokenizer, prefs["train"], acc.device, **fit,
-                                            what=f"{cfg.prefs_dir} (train)")
+                                            what=f"{source} (train)")
     test_c, test_r = tokenize_preferences(tokenizer, prefs["test"], acc.device, **fit,
-                                          what=f"{cfg.prefs_dir} (test)")
+                                          what=f"{source} (test)")
     n_train = len(prefs["train"])
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
     ckpt, resumed, log = open_run(cfg, "reward", acc, acc.unwrap_model(model), optimizer)
     start = resumed["step"] if resumed else 0
@@ -132,7 +146,10 @@ def run_reward(cfg: RewardConfig) -> dict:
 
     model = acc.unwrap_model(model).eval()
     summary = evaluate_pairs(model, test_c, test_r, cfg.eval_batch_size)
-    summary["gold_accuracy"] = gold_accuracy(prefs["test"])
+    if has_gold(prefs["test"]):  # the gold ceiling, where the pairs carry gold rewards
+        summary["gold_accuracy"] = gold_accuracy(prefs["test"])
+    else:
+        summary["gold"] = NO_GOLD
     summary["train_pairs"], summary["test_pairs"] = n_train, len(prefs["test"])
     if cfg.audit_steps:
         summary.update(train_audit(cfg, acc, (train_c, train_r), (test_c, test_r)))

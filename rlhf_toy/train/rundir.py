@@ -35,6 +35,8 @@ _OPEN: dict[str, RunDir] = {}  # realpath of output_dir -> the run writing into 
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
+FRESH_BASE_DIR = "base"  # a LoRA sft run's freshly initialised base model
+TRACKER_DIR = "tensorboard"  # OUTPUT_DIR/tensorboard/rlhf_toy/: TensorBoard's event files
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -141,7 +143,9 @@ class RunDir:
         """Remove an earlier run's files. Resuming (`keep_until` = the resume step) keeps
         the checkpoints up to it, the metrics, the run config and the training snapshots
         (later ones are rewritten as the run reaches them); else only the lock stays."""
-        keep = {LOCK_FILE} if keep_until is None else {LOCK_FILE, RUN_CONFIG, METRICS, "inspect"}
+        # TensorBoard drops the events past a step that is logged again
+        keep = {LOCK_FILE} if keep_until is None else {LOCK_FILE, RUN_CONFIG, METRICS, "inspect",
+                                                       FRESH_BASE_DIR, TRACKER_DIR}
         for name in os.listdir(self.path):
             step = checkpoint_step(name)
             if name in keep or (keep_until is not None and step is not None

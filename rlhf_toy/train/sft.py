@@ -6,6 +6,7 @@ included); prompt tokens are context only.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -15,6 +16,7 @@ from rlhf_toy.core import logprobs_from_logits
 from rlhf_toy.data import select_batch, sft_dataset, tokenize_pairs
 from rlhf_toy.errors import UsageError
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy
+from rlhf_toy.lora import apply_lora, enable_checkpointing
 from rlhf_toy.models import build_policy, response_logits
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
@@ -26,6 +28,7 @@ from rlhf_toy.train.common import (
     progress,
     start_stage,
 )
+from rlhf_toy.train.rundir import FRESH_BASE_DIR, commit_run
 
 
 def nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -37,6 +40,16 @@ def nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return -(logp * mask).sum() / mask.sum()  # (B, T) -> scalar
 
 
+def save_fresh_base(model, cfg: SFTConfig, is_main: bool) -> str:
+    """Save the freshly initialised model once into OUTPUT_DIR/base/, the base its LoRA
+    adapters refer to; returns that directory (a resumed run keeps it: `rundir`)."""
+    path = os.path.join(cfg.output_dir, FRESH_BASE_DIR)
+    if is_main and not cfg.resume_from_checkpoint:
+        commit_run(cfg.output_dir)  # the run's first write: an earlier run's files go first
+        model.save_pretrained(path)
+    return path
+
+
 def run_sft(cfg: SFTConfig) -> dict:
     acc, t0 = start_stage(cfg, "sft")
     task = get_task(cfg.task)
@@ -46,6 +59,9 @@ def run_sft(cfg: SFTConfig) -> dict:
                          f"(got {cfg.max_new_tokens})")
     tokenizer = build_tokenizer(task.words)
     model = build_policy(tokenizer, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions)
+    if cfg.use_peft:  # adapters on the fresh model, which is saved as their base
+        model = apply_lora(model, cfg, save_fresh_base(model, cfg, acc.is_main_process))
+    enable_checkpointing(model, cfg)
 
     # 1. generated train and held-out corpora, tokenized once
     train = sft_dataset(task, cfg.n_train, cfg.seed)
@@ -53,8 +69,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     train_t = tokenize_pairs(tokenizer, train["prompt"], train["completion"], acc.device)
     eval_t = tokenize_pairs(tokenizer, held_out["prompt"], held_out["completion"], acc.device)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
     ckpt, resumed, log = open_run(cfg, "sft", acc, acc.unwrap_model(model), optimizer)
     start = resumed["step"] if resumed else 0

@@ -19,13 +19,13 @@ CRITIC_COLUMNS = ("value", "return", "advantage")
 TRAINING_SAMPLES = 4  # rollouts per `inspect_steps` snapshot during PPO training
 
 
-def token_records(tokenizer, prompts: list[str], gold: list[float], scores: torch.Tensor,
+def token_records(tokenizer, prompts: list[str], gold: list[float] | None, scores: torch.Tensor,
                   response_ids: torch.Tensor, mask: torch.Tensor,
                   columns: dict[str, torch.Tensor | None]) -> list[dict]:
     """One record per response: its texts and scalars, and each column cut to its real tokens.
 
     Args:
-        prompts, gold: B prompts and gold rewards.
+        prompts, gold: B prompts and gold rewards (gold None: there is no gold reward).
         scores: (B,) the scores that enter the rewards.
         response_ids, mask: (B, T) right-padded responses, mask 1 on real tokens.
         columns: name -> (B, T) tensor, or None for a column that does not apply.
@@ -35,7 +35,7 @@ def token_records(tokenizer, prompts: list[str], gold: list[float], scores: torc
     for i, prompt in enumerate(prompts):
         n = int(mask[i].sum())
         rec = {"prompt": prompt, "response": responses[i], "score": float(scores[i]),
-               "gold": float(gold[i]),
+               "gold": None if gold is None else float(gold[i]),
                "token": tokenizer.convert_ids_to_tokens(response_ids[i, :n].tolist())}
         for name, x in columns.items():
             rec[name] = None if x is None else x[i, :n].float().tolist()
@@ -65,7 +65,8 @@ def write_training_snapshot(output_dir: str, step: int, batch, tokenizer, prompt
     commit_run(output_dir)  # the run's first output may be this snapshot
     head = batch.select(torch.arange(min(n, len(prompts)), device=batch.mask.device))
     raw = head.advantages if head.values is None else head.returns - head.values
-    samples = ppo_records(head, tokenizer, prompts[:n], gold[:n], cfg.kl_estimator, raw)
+    samples = ppo_records(head, tokenizer, prompts[:n], None if gold is None else gold[:n],
+                          cfg.kl_estimator, raw)
     os.makedirs(os.path.join(output_dir, "inspect"), exist_ok=True)
     path = os.path.join(output_dir, "inspect", f"step_{step}.json")
     write_json(path, {"stage": stage, "checkpoint": output_dir, "step": step, "beta": beta,
