@@ -265,11 +265,14 @@ def _have_trl() -> bool:
 
 
 def preference_pairs(st: Setup, n: int) -> dict[str, list[str]]:
-    """`n` prompt/chosen/rejected string triples from the task's own response generator."""
+    """`n` prompt/chosen/rejected string triples from the task's own response generator.
+    Responses start with a space, as `rlhf-toy prefs` writes them, so that TRL's
+    prompt + response join tokenizes exactly as we do."""
     rng = random.Random(st.seed)
     prompts = st.prompts(n, salt=7)
-    return {"prompt": prompts, "chosen": [st.task.sample_response(p, rng) for p in prompts],
-            "rejected": [st.task.sample_response(p, rng) for p in prompts]}
+    return {"prompt": prompts,
+            "chosen": [" " + st.task.sample_response(p, rng) for p in prompts],
+            "rejected": [" " + st.task.sample_response(p, rng) for p in prompts]}
 
 
 def bench_dpo(st: Setup, peak_flops: float) -> dict:
