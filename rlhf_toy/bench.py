@@ -15,19 +15,20 @@ same model weights, tokenizer, data and batch shape, and reports medians:
   `trl.GRPOTrainer` / `trl.RLOOTrainer` generation cycle at equal work: same prompts per
   cycle and completions per prompt, lengths, number of updates, loss and KL coefficient.
 - `dpo_step`: one rlhf_toy DPO optimizer step (cached reference log-probs) vs one
-  `trl.DPOTrainer` step (its default: a reference forward pass every step).
+  `trl.DPOTrainer` step (its default: a reference forward pass every step; at the `gpt2`
+  size it precomputes the reference log-probs too, so both sides do the same work).
+
+The `gpt2` size is GPT-2 small's shape on the `long_review` task (64-token responses),
+where compute, not per-call overhead, dominates.
 
 TRL's trainers drive their own loop; a `TrainerCallback` runs our unit between two of
-their units, so the two still alternate. FLOPs for MFU use 2 N per token forward and
-6 N per token forward+backward (N = parameters without position embeddings; attention
-score FLOPs are ignored), divided by the FLOP/s of a large matmul measured in the run.
+their units, so the two still alternate. Timing, memory, FLOPs and the table:
+`bench_common.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import os
 import random
 import statistics
@@ -39,160 +40,39 @@ from functools import partial
 
 import torch
 
+from rlhf_toy.bench_common import (
+    TEMPERATURE,
+    Interleave,
+    Setup,
+    Size,
+    Timer,
+    matmul_peak_flops,
+    n_flop_params,
+    ours_only,
+    quiet,
+    row_result,
+    sync,
+    trl_args,
+)
 from rlhf_toy.core import PREFERENCE_LOSSES
 from rlhf_toy.lean_gpt2 import cuda_graphs_enabled
-from rlhf_toy.models import PolicyWithValueHead, build_policy, freeze
+from rlhf_toy.models import PolicyWithValueHead, freeze
 from rlhf_toy.rollout import encode_prompts, sample
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
-
-
-@dataclass(frozen=True)
-class Size:
-    """Model and batch shape of one benchmark size."""
-
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_positions: int
-    batch_size: int  # PPO rollouts per iteration, DPO pairs per step, rollout batch
-    mini_batch_size: int  # PPO minibatch
-    ppo_epochs: int
-    max_new_tokens: int  # response length limit (rollout, PPO, RLOO completions)
-    repeats: int  # timed A/B pairs per row
-    warmup: int  # untimed A/B pairs first
-
 
 SIZES = {
     "test": Size(1, 32, 2, 32, 8, 4, 1, 4, repeats=2, warmup=0),  # smoke tests only
     "tiny": Size(2, 64, 4, 32, 32, 16, 4, 16, repeats=10, warmup=2),
     "small": Size(4, 256, 4, 96, 64, 32, 2, 32, repeats=6, warmup=2),
     "medium": Size(6, 384, 6, 96, 256, 64, 1, 64, repeats=5, warmup=1),
+    # GPT-2 small's shape (configs/gpt2) on long_review: 64-token responses, compute-bound;
+    # an on-policy learning rate too small to move the policy: at 1e-5 a few Adam steps of
+    # this model already shorten its responses, and the two sides' work would drift apart
+    "gpt2": Size(12, 768, 12, 256, 8, 4, 1, 64, repeats=3, warmup=1, task="long_review",
+                 rows=("rollout", "ppo_iteration", "dpo_step"), trl_dpo_precompute_ref=True,
+                 onpolicy_lr=1e-9),
 }
-TEMPERATURE = 1.0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_reset(device: torch.device) -> None:
-    """Start a new peak-memory window (CUDA max allocated, or Linux's VmHWM of this process)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def _peak_mb(device: torch.device) -> float:
-    """Peak memory since `_peak_reset`, in MiB (peak RSS on CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    with contextlib.suppress(OSError), open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def matmul_peak_flops(device: torch.device, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul: bf16 8192 on CUDA, fp32 2048 on CPU (best of runs)."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-class Timer:
-    """Collects ours/baseline durations and ours' peak memory for one row."""
-
-    def __init__(self, device: torch.device, warmup: int):
-        self.device, self.warmup = device, warmup
-        self.ours: list[float] = []
-        self.baseline: list[float] = []
-        self.peak_mb = 0.0
-
-    def run_ours(self, fn) -> None:
-        _sync(self.device)
-        _peak_reset(self.device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(self.device)
-        self.ours.append(time.perf_counter() - t0)
-        self.peak_mb = max(self.peak_mb, _peak_mb(self.device))
-
-    def medians(self) -> tuple[float, float | None]:
-        ours = statistics.median(self.ours[self.warmup:])
-        base = self.baseline[self.warmup:]
-        return ours, (statistics.median(base) if base else None)
-
-
-@dataclass
-class Setup:
-    """What every row shares: device, accelerator, tokenizer, task, size, model shape."""
-
-    device: torch.device
-    acc: object
-    tokenizer: object
-    task: object
-    size: Size
-    seed: int
-
-    def policy(self):
-        torch.manual_seed(self.seed)
-        s = self.size
-        return build_policy(self.tokenizer, s.n_layer, s.n_embd, s.n_head, s.n_positions)
-
-    def reward_model(self):
-        from transformers import GPT2ForSequenceClassification
-
-        config = self.policy().config
-        config.num_labels = 1
-        torch.manual_seed(self.seed + 1)
-        return GPT2ForSequenceClassification(config)
-
-    def prompts(self, n: int, salt: int = 0) -> list[str]:
-        return self.task.sample_prompts(n, random.Random(self.seed * 1000 + salt))
-
-
-def n_flop_params(model) -> int:
-    """Parameters that cost matmul FLOPs per token (tied LM head counted once; no wpe)."""
-    wpe = model.transformer.wpe.weight.numel()
-    return sum(p.numel() for p in model.parameters()) - wpe
-
-
-def pair_speedup_quartiles(ours: list[float], baseline: list[float]) -> list[float] | None:
-    """Quartiles (25 %, 50 %, 75 %) of baseline / ours over the timed A/B pairs: the spread
-    of the speedup under a noisy machine (None without a baseline)."""
-    if not baseline:
-        return None
-    ratios = [b / o for o, b in zip(ours, baseline, strict=False)]
-    if len(ratios) == 1:
-        return ratios * 3
-    return statistics.quantiles(ratios, n=4, method="inclusive")
-
-
-def _row(name, baseline, timer, tokens, flops, peak_flops, note):
-    ours_s, base_s = timer.medians()
-    quartiles = pair_speedup_quartiles(timer.ours[timer.warmup:], timer.baseline[timer.warmup:])
-    return {"name": name, "ours_s": ours_s, "baseline": baseline, "baseline_s": base_s,
-            "speedup": (base_s / ours_s) if base_s else None, "pair_speedup_quartiles": quartiles,
-            "tokens_per_s": tokens / ours_s, "peak_mem_mb": timer.peak_mb,
-            "mfu": flops / ours_s / peak_flops, "note": note}
-
-
 def bench_rollout(st: Setup, peak_flops: float) -> dict:
     """`rollout.sample` vs `model.generate`: same prompts, temperature, length, KV cache."""
     s, tok = st.size, st.tokenizer
@@ -200,7 +80,7 @@ def bench_rollout(st: Setup, peak_flops: float) -> dict:
     ids, mask = encode_prompts(tok, st.prompts(s.batch_size), st.device)
     timer = Timer(st.device, s.warmup)
     gen = torch.Generator(device=st.device).manual_seed(st.seed)
-    lengths = []
+    lengths, base_lengths = [], []
 
     def ours():
         with torch.no_grad(), st.acc.autocast():
@@ -210,76 +90,29 @@ def bench_rollout(st: Setup, peak_flops: float) -> dict:
 
     def baseline():
         with torch.no_grad(), st.acc.autocast():
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
                            temperature=TEMPERATURE, top_k=0, top_p=1.0,
                            max_new_tokens=s.max_new_tokens, use_cache=True,
                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        base_lengths.append(out.shape[1] - ids.shape[1])
 
     for _ in range(s.warmup + s.repeats):
         timer.run_ours(ours)
-        _sync(st.device)
+        sync(st.device)
         t0 = time.perf_counter()
         baseline()
-        _sync(st.device)
+        sync(st.device)
         timer.baseline.append(time.perf_counter() - t0)
     t = statistics.median(lengths)
     tokens = s.batch_size * t
     flops = 2 * n_flop_params(model) * s.batch_size * (ids.shape[1] + t)
     note = (f"{s.batch_size} prompts x up to {s.max_new_tokens} new tokens, T={TEMPERATURE}, "
-            "top_k=0, KV cache; tokens = generated positions")
+            "top_k=0, KV cache; tokens = generated positions (median per call: ours "
+            f"{t:g}, generate {statistics.median(base_lengths):g})")
     if st.device.type == "cuda":
         note += ("; ours replays one CUDA graph per decode step (captured per call, timed)"
                  if cuda_graphs_enabled() else "; CUDA graphs off (RLHF_TOY_CUDA_GRAPHS=0)")
-    return _row("rollout", "transformers generate", timer, tokens, flops, peak_flops, note)
-
-
-class _Interleave:
-    """A TRL `TrainerCallback` that times every `k` TRL optimizer steps as one baseline unit
-    and runs one of our units right after it, so that the two alternate."""
-
-    def __init__(self, timer: Timer, k: int, ours):
-        self.timer, self.k, self.ours = timer, k, ours
-        self.t0 = 0.0
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                if state.global_step % outer.k == 0:
-                    _sync(outer.timer.device)
-                    outer.t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step % outer.k == 0:
-                    _sync(outer.timer.device)
-                    outer.timer.baseline.append(time.perf_counter() - outer.t0)
-                    outer.timer.run_ours(outer.ours)
-
-        return Callback()
-
-
-def _quiet(trainer):
-    """Drop the callback that prints TRL's end-of-training metrics dict."""
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    return trainer
-
-
-def _trl_args(cls, st: Setup, out: str, **kw):
-    """A TRL config for a quiet, offline, fixed-length run on `st.device`."""
-    fields = cls.__dataclass_fields__
-    cuda = st.device.type == "cuda"
-    args = {"output_dir": out, "report_to": "none", "save_strategy": "no", "logging_steps": 10**6,
-            "use_cpu": not cuda, "bf16": cuda, "seed": st.seed, "dataloader_num_workers": 0,
-            "disable_tqdm": True, **kw}
-    for name in ("gradient_checkpointing", "activation_checkpointing"):
-        if name in fields:
-            args[name] = False
-    return cls(**{k: v for k, v in args.items() if k in fields})
+    return row_result("rollout", "transformers generate", timer, tokens, flops, peak_flops, note)
 
 
 def _onpolicy_config(st: Setup, cls, **kw):
@@ -287,7 +120,7 @@ def _onpolicy_config(st: Setup, cls, **kw):
     s = st.size
     return cls(output_dir="unused", batch_size=s.batch_size, mini_batch_size=s.mini_batch_size,
                ppo_epochs=s.ppo_epochs, max_new_tokens=s.max_new_tokens, temperature=TEMPERATURE,
-               learning_rate=1e-5, device=st.device.type,
+               learning_rate=s.onpolicy_lr, device=st.device.type,
                mixed_precision="bf16" if st.device.type == "cuda" else "no", **kw)
 
 
@@ -371,7 +204,7 @@ def bench_onpolicy(st: Setup, peak_flops: float, row: OnPolicyRow) -> dict:
             f"{updates} updates on each side")
     if not _have_trl():
         ours_only(timer, ours, s)
-        return _row(row.name, None, timer, *_ppo_tokens_flops(s, unwrapped.policy, lengths),
+        return row_result(row.name, None, timer, *_ppo_tokens_flops(s, unwrapped.policy, lengths),
                     peak_flops, note + "; trl not installed: baseline skipped")
     import trl
     from datasets import Dataset
@@ -384,19 +217,19 @@ def bench_onpolicy(st: Setup, peak_flops: float, row: OnPolicyRow) -> dict:
         units = s.warmup + s.repeats
         # trailing space: TRL scores prompt + completion as one string
         prompts = [p + " " for p in st.prompts(units * s.batch_size, salt=99)]
-        args = _trl_args(
+        args = trl_args(
             config_cls, st, os.path.join(tmp, "out"),
             per_device_train_batch_size=s.mini_batch_size, gradient_accumulation_steps=1,
             steps_per_generation=s.batch_size // s.mini_batch_size, num_iterations=s.ppo_epochs,
             num_generations=g, max_completion_length=s.max_new_tokens, temperature=TEMPERATURE,
-            top_k=0, learning_rate=1e-5, max_steps=units * updates, disable_dropout=True,
+            top_k=0, learning_rate=s.onpolicy_lr, max_steps=units * updates, disable_dropout=True,
             max_grad_norm=1.0, **row.trl_kw)
         trainer = trainer_cls(model=policy_dir, reward_funcs=rm, args=args,
                               train_dataset=Dataset.from_dict({"prompt": prompts}),
                               processing_class=tok, reward_processing_classes=tok,
-                              callbacks=[_Interleave(timer, updates, ours).callback()])
-        _quiet(trainer).train()
-    return _row(row.name, f"trl {row.trl}Trainer", timer,
+                              callbacks=[Interleave(timer, updates, ours).callback()])
+        quiet(trainer).train()
+    return row_result(row.name, f"trl {row.trl}Trainer", timer,
                 *_ppo_tokens_flops(s, unwrapped.policy, lengths), peak_flops, note)
 
 
@@ -422,11 +255,6 @@ def _ppo_tokens_flops(s: Size, policy, lengths: list[int]) -> tuple[float, float
     return seq, (4 * 2 + s.ppo_epochs * 6) * n_flop_params(policy) * seq
 
 
-def ours_only(timer: Timer, ours, s: Size) -> None:
-    for _ in range(s.warmup + s.repeats):
-        timer.run_ours(ours)
-
-
 def _have_trl() -> bool:
     try:
         import datasets  # noqa: F401
@@ -437,11 +265,14 @@ def _have_trl() -> bool:
 
 
 def preference_pairs(st: Setup, n: int) -> dict[str, list[str]]:
-    """`n` prompt/chosen/rejected string triples from the task's own response generator."""
+    """`n` prompt/chosen/rejected string triples from the task's own response generator.
+    Responses start with a space, as `rlhf-toy prefs` writes them, so that TRL's
+    prompt + response join tokenizes exactly as we do."""
     rng = random.Random(st.seed)
     prompts = st.prompts(n, salt=7)
-    return {"prompt": prompts, "chosen": [st.task.sample_response(p, rng) for p in prompts],
-            "rejected": [st.task.sample_response(p, rng) for p in prompts]}
+    return {"prompt": prompts,
+            "chosen": [" " + st.task.sample_response(p, rng) for p in prompts],
+            "rejected": [" " + st.task.sample_response(p, rng) for p in prompts]}
 
 
 def bench_dpo(st: Setup, peak_flops: float) -> dict:
@@ -478,9 +309,12 @@ def bench_dpo(st: Setup, peak_flops: float) -> dict:
         optimizer.step()
         optimizer.zero_grad()
 
-    note = (f"{s.batch_size} pairs per step (the same pairs, in order), beta=0.1; ours caches reference log-probs "
-            "(computed once, untimed); DPOTrainer with its defaults runs the reference "
-            "every step; tokens = real prompt+response tokens of chosen and rejected")
+    trl_ref = ("DPOTrainer precomputes them too (precompute_ref_log_probs, untimed): equal work"
+               if s.trl_dpo_precompute_ref else
+               "DPOTrainer with its defaults runs the reference every step")
+    note = (f"{s.batch_size} pairs per step (the same pairs, in order), beta=0.1; ours caches "
+            f"reference log-probs (computed once, untimed); {trl_ref}; tokens = real "
+            "prompt+response tokens of chosen and rejected")
     if not _have_trl():
         ours_only(timer, ours, s)
         base = None
@@ -490,7 +324,7 @@ def bench_dpo(st: Setup, peak_flops: float) -> dict:
         base = "trl DPOTrainer"
     tokens = float(real.sum()) / units  # per step, on average
     n = n_flop_params(st.acc.unwrap_model(model))
-    return _row("dpo_step", base, timer, tokens, 6 * n * tokens, peak_flops, note)
+    return row_result("dpo_step", base, timer, tokens, 6 * n * tokens, peak_flops, note)
 
 
 def _run_trl_dpo(st: Setup, pairs: dict, timer: Timer, ours) -> None:
@@ -501,26 +335,36 @@ def _run_trl_dpo(st: Setup, pairs: dict, timer: Timer, ours) -> None:
     units = s.warmup + s.repeats
     policy = st.policy()
     with tempfile.TemporaryDirectory() as tmp:
-        args = _trl_args(DPOConfig, st, tmp, per_device_train_batch_size=s.batch_size,
+        args = trl_args(DPOConfig, st, tmp, per_device_train_batch_size=s.batch_size,
                          gradient_accumulation_steps=1, beta=0.1, learning_rate=1e-5,
                          max_steps=units, max_length=s.n_positions,
                          train_sampling_strategy="sequential",
+                         precompute_ref_log_probs=s.trl_dpo_precompute_ref,
                          max_grad_norm=1.0)
         # trailing space: TRL tokenizes prompt + completion as one string
         data = Dataset.from_dict({**pairs, "prompt": [p + " " for p in pairs["prompt"]]})
         trainer = DPOTrainer(model=policy, ref_model=copy.deepcopy(policy), args=args,
                              train_dataset=data, processing_class=st.tokenizer,
-                             callbacks=[_Interleave(timer, 1, ours).callback()])
-        _quiet(trainer).train()
+                             callbacks=[Interleave(timer, 1, ours).callback()])
+        quiet(trainer).train()
 
 
 ROWS = {"rollout": bench_rollout, "ppo_iteration": bench_ppo, "grpo_step": bench_grpo,
         "rloo_step": bench_rloo, "dpo_step": bench_dpo}
 
 
-def run_bench(device: str = "cpu", size: str = "tiny", rows: tuple[str, ...] = tuple(ROWS),
-              repeats: int | None = None, warmup: int | None = None, seed: int = 0) -> dict:
-    """Run the benchmark rows; returns `{"device", "size", "matmul_tflops", "rows": [...]}`."""
+def default_rows(size: str) -> tuple[str, ...]:
+    """The rows `--size SIZE` runs without `--rows`."""
+    return SIZES[size].rows or tuple(ROWS)
+
+
+def run_bench(device: str = "cpu", size: str = "tiny", rows: tuple[str, ...] | None = None,
+              repeats: int | None = None, warmup: int | None = None, seed: int = 0,
+              shape: Size | None = None, peak_tflops: float | None = None) -> dict:
+    """Run the benchmark rows (default: `default_rows(size)`); `shape` replaces the size's
+    model and batch shape under its name (the smoke tests run a size's rows on a small
+    model). MFU is over `peak_tflops` if given, else over the matmul FLOP/s measured at the
+    start. Returns `{"device", "size", "matmul_tflops", "peak_tflops", "rows": [...]}`."""
     from dataclasses import replace
 
     from accelerate import Accelerator
@@ -537,40 +381,17 @@ def run_bench(device: str = "cpu", size: str = "tiny", rows: tuple[str, ...] = t
         raise SystemExit("--device cuda: no CUDA device is available")
     AcceleratorState._reset_state()  # this process may already hold other settings
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
-    sz = SIZES[size]
+    sz = shape or SIZES[size]
     sz = replace(sz, repeats=sz.repeats if repeats is None else repeats,
                  warmup=sz.warmup if warmup is None else warmup)
-    task = get_task("sentiment")
+    task = get_task(sz.task)
     st = Setup(acc.device, acc, build_tokenizer(task.words), task, sz, seed)
-    peak = matmul_peak_flops(acc.device)
+    measured = matmul_peak_flops(acc.device)
+    peak = measured if peak_tflops is None else peak_tflops * 1e12
     out = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} "
-           "threads)", "size": size, "matmul_tflops": peak / 1e12,
-           "precision": "bf16 autocast (accelerate)" if cuda else "fp32", "rows": []}
-    for name in rows:
+           "threads)", "size": size, "matmul_tflops": measured / 1e12,
+           "peak_tflops": peak / 1e12, "precision": "bf16 autocast (accelerate)" if cuda
+           else "fp32", "rows": []}
+    for name in rows or default_rows(size):
         out["rows"].append(ROWS[name](st, peak))
     return out
-
-
-def format_table(result: dict) -> str:
-    """The printed table: one line per row, then each row's note (what is compared)."""
-    head = (f"device={result['device']} size={result['size']} precision={result['precision']} "
-            f"matmul peak={result['matmul_tflops']:.3f} TFLOP/s")
-    cols = f"{'row':<15}{'ours_s':>10}{'baseline_s':>12}{'speedup':>9}{'tok/s':>11}" \
-           f"{'peak_MB':>9}{'MFU':>9}  baseline"
-    lines = [head, cols]
-    for r in result["rows"]:
-        base = "-" if r["baseline_s"] is None else f"{r['baseline_s']:.4f}"
-        speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}"
-        q = r.get("pair_speedup_quartiles")
-        spread = "" if q is None else f"  (pairs: {q[0]:.2f}-{q[2]:.2f})"
-        lines.append(f"{r['name']:<15}{r['ours_s']:>10.4f}{base:>12}{speed:>9}"
-                     f"{r['tokens_per_s']:>11.0f}{r['peak_mem_mb']:>9.0f}{r['mfu']:>9.2%}"
-                     f"  {r['baseline'] or 'skipped'}{spread}")
-    lines += [f"  {r['name']}: {r['note']}" for r in result["rows"]]
-    return "\n".join(lines)
-
-
-def write_json(path: str, result: dict) -> None:
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")

@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "tasks":
             from rlhf_toy.tasks import TASKS
 
+            width = max(map(len, TASKS))
             for name, cls in TASKS.items():
-                print(f"{name:10s} {(cls.__doc__ or cls.__module__).strip().splitlines()[0]}")
+                print(f"{name:{width}s} {(cls.__doc__ or cls.__module__).strip().splitlines()[0]}")
             return 0
         if stage == "pipeline":
             run_pipeline(parse_config(PipelineConfig, rest, prog="rlhf-toy pipeline"))

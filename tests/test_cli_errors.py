@@ -38,7 +38,7 @@ def config_files(tmp_path):
 
 
 CASES = [
-    (["sft", "--task", "chess"], "task must be one of ['sentiment', 'sorting']"),
+    (["sft", "--task", "chess"], "task must be one of ['long_review', 'sentiment', 'sorting']"),
     (["pipeline", "--task", "no_such_mod_q:T"], "task 'no_such_mod_q:T': no module named"),
     (["sft", "--not_a_field", "1"], "unknown argument '--not_a_field'"),
     (["sft", "--learning_rate", "-1"], "learning_rate must be in (0, 1]"),
@@ -105,5 +105,5 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "rlhf-toy: error: task must be one of ['sentiment', 'sorting'] or package.module:ClassName "
-        "(got 'chess')"]
+        "rlhf-toy: error: task must be one of ['long_review', 'sentiment', 'sorting'] or "
+        "package.module:ClassName (got 'chess')"]

@@ -66,7 +66,8 @@ def test_spec_loads_the_class_and_names_keep_working():
     ("test_outside_task:Missing", "has no attribute 'Missing'"),
     ("test_outside_task:NotATask", "NotATask must be a subclass of rlhf_toy.tasks.Task"),
     ("test_outside_task:HalfATask", "HalfATask must implement gold"),
-    ("chess", "task must be one of ['sentiment', 'sorting'] or package.module:ClassName"),
+    ("chess", "task must be one of ['long_review', 'sentiment', 'sorting'] or "
+              "package.module:ClassName"),
     ("test_outside_task:", "task must be one of"),
 ])
 def test_bad_specs_are_usage_errors(spec, message):

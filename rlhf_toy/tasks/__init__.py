@@ -10,10 +10,12 @@ import sys
 
 from rlhf_toy.errors import UsageError
 from rlhf_toy.tasks.base import Task
+from rlhf_toy.tasks.long_review import LongReviewTask
 from rlhf_toy.tasks.sentiment import SentimentTask
 from rlhf_toy.tasks.sorting import SortingTask
 
-TASKS: dict[str, type[Task]] = {"sentiment": SentimentTask, "sorting": SortingTask}
+TASKS: dict[str, type[Task]] = {"sentiment": SentimentTask, "sorting": SortingTask,
+                                "long_review": LongReviewTask}
 
 
 def _import(module_name: str):
@@ -71,4 +73,5 @@ def get_task(spec: str) -> Task:
     return task_class(spec)()
 
 
-__all__ = ["TASKS", "Task", "get_task", "task_class", "SentimentTask", "SortingTask"]
+__all__ = ["TASKS", "Task", "get_task", "task_class", "SentimentTask", "SortingTask",
+           "LongReviewTask"]
