@@ -283,10 +283,14 @@ def below_reference(summary: dict, methods: list[str], fronts: dict) -> list[str
         diff, se = difference(m["gold_reward"], m["gold_reward_se"], ref["gold_reward"],
                               ref["gold_reward_se"])
         lower = sum(r["gold_reward"] < g for r, g in zip(m["per_seed"], ref_seeds, strict=True))
-        head = ("made the policy worse: its main run ends below the reference" if
-                is_significant(diff, se) else "ends below the reference, within the noise")
+        if not math.isfinite(se):  # one seed: no standard error, no significance
+            head, spread = "ends below the reference", f"{diff:.4f}, one seed"
+        else:
+            head = ("made the policy worse: its main run ends below the reference" if
+                    is_significant(diff, se) else "ends below the reference, within the noise")
+            spread = f"{diff:.4f} +- {se:.4f}"
         line = (f"{name.upper()} {head}: gold {m['gold_reward']:.3f} against SFT's "
-                f"{ref['gold_reward']:.3f} (difference {diff:.4f} +- {se:.4f}; lower on "
+                f"{ref['gold_reward']:.3f} (difference {spread}; lower on "
                 f"{lower} of {len(ref_seeds)} seeds).")
         if all(p["gold_reward"] < ref["gold_reward"] for p in fronts[name]):
             line += f" Every {name.upper()} policy of the sweep is below the reference too."

@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,9 @@ def apply_lora(model: PreTrainedModel, cfg: Any, base_dir: str,
                         modules_to_save=modules_to_save,
                         # GPT-2's Conv1D stores its weight transposed
                         fan_in_fan_out=model.config.model_type == "gpt2")
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated property
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, config)
     # after get_peft_model, which sets it to the model's own `name_or_path`
     peft_model.peft_config["default"].base_model_name_or_path = os.path.abspath(base_dir)
     return peft_model

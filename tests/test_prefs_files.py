@@ -5,6 +5,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import random
 import re
@@ -420,19 +421,21 @@ def test_pipeline_passes_a_users_data_and_skips_prefs():
 
 def test_reward_dpo_ppo_from_jsonl_on_a_tiny_bpe_gpt2(tmp_path, capsys):
     """A user's setting end to end: a byte-level BPE GPT-2 directory (random init, no
-    unknown token: no word check), 200 gold-less pairs as JSONL, 40 prompts as text.
-    reward, dpo and ppo each run, save a model and say "no gold reward"; dpo's implicit
-    reward and the reward model are scored on the same held-out pairs."""
+    unknown token: no word check) given as --model_name_or_path, 200 gold-less pairs as
+    JSONL, 40 prompts as text. reward, dpo and ppo each run, save a model and say "no gold
+    reward"; dpo's implicit reward and the reward model are scored on the same held-out pairs.
+    DPO learns from the file: its held-out loss ends below log 2 (its value at the start) by
+    more than 0.03 (after 30 steps, seeds 0/1/2 of model and pairs: 0.589, 0.631, 0.631)."""
     task = get_task("sentiment")
     model_dir = str(tmp_path / "model")
     save_bpe_gpt2(task, model_dir)
     pairs = write_task_pairs(task, str(tmp_path / "pairs.jsonl"), 200)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(task.sample_prompts(40, random.Random(1))) + "\n")
-    common = ["--sft_dir", model_dir, "--device", "cpu"]
+    common = ["--model_name_or_path", model_dir, "--device", "cpu"]
     runs = [["reward", "--prefs_path", pairs, "--max_steps", "20", "--audit_steps", "0"],
             ["dpo", "--prefs_path", pairs, "--reward_dir", str(tmp_path / "reward"),
-             "--prompts_path", str(prompts), "--max_steps", "10", "--eval_steps", "0",
+             "--prompts_path", str(prompts), "--max_steps", "30", "--eval_steps", "0",
              "--n_eval_prompts", "8"],
             ["ppo", "--reward_dir", str(tmp_path / "reward"), "--prompts_path", str(prompts),
              "--max_steps", "2", "--batch_size", "8", "--mini_batch_size", "4",
@@ -445,3 +448,4 @@ def test_reward_dpo_ppo_from_jsonl_on_a_tiny_bpe_gpt2(tmp_path, capsys):
     reward, dpo = summary_of(str(tmp_path / "reward")), summary_of(str(tmp_path / "dpo"))
     assert reward["train_pairs"] == 160 and reward["test_pairs"] == 40  # 20 % held out
     assert dpo["train_pairs"] == 160 and dpo["gold"] == NO_GOLD
+    assert dpo["eval_loss"] < math.log(2) - 0.03

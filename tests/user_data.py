@@ -4,6 +4,7 @@ to a directory, and preference pairs / prompts of a task written as a user's fil
 import json
 import random
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -26,6 +27,7 @@ def save_bpe_gpt2(task, path: str, seed: int = 0) -> PreTrainedTokenizerFast:
     SFT corpus, saved together in `path` (`save_pretrained`); returns the tokenizer."""
     corpus = [f"{p} {r}" for p, r in task.sft_corpus(2000, random.Random(seed))]
     tok = bpe_tokenizer(corpus)
+    torch.manual_seed(seed)  # the same random weights whatever ran before
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32,
                                        n_layer=2, n_head=2, eos_token_id=tok.eos_token_id,
                                        bos_token_id=tok.eos_token_id,
@@ -48,3 +50,18 @@ def write_task_pairs(task, path: str, n: int, seed: int = 0) -> str:
             fh.write(json.dumps({"prompt": prompt, "chosen": f" {a}", "rejected": f" {b}"})
                      + "\n")
     return path
+
+
+if __name__ == "__main__":  # python tests/user_data.py DIR: DIR/gpt2, DIR/pairs.jsonl, DIR/prompts.txt
+    import os
+    import sys
+
+    from rlhf_toy.tasks import get_task
+
+    out, task = sys.argv[1], get_task("sentiment")
+    os.makedirs(out, exist_ok=True)
+    save_bpe_gpt2(task, os.path.join(out, "gpt2"))
+    write_task_pairs(task, os.path.join(out, "pairs.jsonl"), 2000)
+    with open(os.path.join(out, "prompts.txt"), "w") as fh:
+        fh.write("\n".join(task.sample_prompts(500, random.Random(1))) + "\n")
+    print(out)
