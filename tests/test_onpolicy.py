@@ -9,9 +9,9 @@ import re
 
 import pytest
 import torch
-from accelerate import Accelerator
 from conftest import run_stage
 from test_reliability_resume import PPO_TINY, _stopped_and_resumed, assert_same_run
+from test_update_behaviours import update_at_zero_lr
 
 from rlhf_toy.config import parse_config
 from rlhf_toy.core import (
@@ -28,7 +28,7 @@ from rlhf_toy.tokenizer import build_tokenizer
 from rlhf_toy.train import grpo as grpo_module
 from rlhf_toy.train.checkpoint import list_checkpoints
 from rlhf_toy.train.grpo import GRPO, GRPOConfig
-from rlhf_toy.train.onpolicy import collect_rollout, iteration_prompts, update
+from rlhf_toy.train.onpolicy import collect_rollout, iteration_prompts
 from rlhf_toy.train.ppo import PPO, PPOConfig
 from rlhf_toy.train.reinforce_pp import REINFORCE_PP, ReinforcePPConfig
 from rlhf_toy.train.rloo import RLOO, RLOOConfig
@@ -139,11 +139,7 @@ def test_critic_free_update_with_zero_lr_sees_ratio_one(method, cls):
     cfg = cls(output_dir="unused", temperature=0.8, max_new_tokens=8, batch_size=12,
               mini_batch_size=4, ppo_epochs=2)
     model, batch, _ = _counted_rollout(method, cfg, CriticFreePolicy)
-    acc = Accelerator(cpu=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    model, opt = acc.prepare(model, opt)
-    model.train()
-    stats = update(method, model, opt, acc, batch, cfg, cfg.beta, torch.Generator().manual_seed(0))
+    stats = update_at_zero_lr(method, model, batch, cfg)
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert 0.0 <= stats["approx_kl"] < 1e-9 and stats["clip_frac"] == 0.0

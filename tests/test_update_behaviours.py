@@ -61,15 +61,21 @@ def _entropy(model, batch, temperature: float) -> float:
         return masked_mean(entropy_from_logits(logits), batch.mask).item()
 
 
-def test_update_at_temperature_08_with_zero_lr_sees_ratio_one():
-    cfg = PPOConfig(output_dir="unused", temperature=0.8, max_new_tokens=8, batch_size=8,
-                    mini_batch_size=4, ppo_epochs=2)
-    model, batch = _rollout(cfg)
+def update_at_zero_lr(method, model, batch, cfg) -> dict:
+    """The stats of one `update` of `method` whose optimizer has learning rate 0 (the
+    weights never move, so every minibatch's policy is the sampler's)."""
     acc = Accelerator(cpu=True)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     model, opt = acc.prepare(model, opt)
     model.train()
-    stats = update(PPO, model, opt, acc, batch, cfg, cfg.beta, torch.Generator().manual_seed(0))
+    return update(method, model, opt, acc, batch, cfg, cfg.beta, torch.Generator().manual_seed(0))
+
+
+def test_update_at_temperature_08_with_zero_lr_sees_ratio_one():
+    cfg = PPOConfig(output_dir="unused", temperature=0.8, max_new_tokens=8, batch_size=8,
+                    mini_batch_size=4, ppo_epochs=2)
+    model, batch = _rollout(cfg)
+    stats = update_at_zero_lr(PPO, model, batch, cfg)
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-6)
     assert 0.0 <= stats["approx_kl"] < 1e-10 and stats["clip_frac"] == 0.0
