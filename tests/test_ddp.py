@@ -83,6 +83,21 @@ def dpo_indices(acc, step: int, seed: int = 0) -> torch.Tensor:
         else batch_indices(N_PAIRS, ROWS * 2, step, seed)
 
 
+def dpo_two_steps(acc, policy, opt, data, tok) -> None:
+    """Two sigmoid-DPO optimizer steps of `policy` on this process's pairs (`dpo_indices`),
+    with gradient clipping at 1, as `run_dpo` takes them."""
+    from rlhf_toy.train.dpo import batch_loss
+
+    policy.train()
+    for step in range(2):
+        value, _ = batch_loss(policy, data, dpo_indices(acc, step),
+                              partial(PREFERENCE_LOSSES["sigmoid"], beta=0.5), tok.pad_token_id)
+        acc.backward(value)
+        acc.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+
 def ppo_share(acc):
     """(tokenizer, this process's share of the PPO batch, its config, a fresh seeded
     actor-critic): what every process starts its update from."""
@@ -98,7 +113,6 @@ def ppo_share(acc):
 
 def updated_weights(acc) -> dict[str, dict[str, torch.Tensor]]:
     """One PPO update and one DPO step on this process's share; the resulting weights."""
-    from rlhf_toy.train.dpo import batch_loss
 
     tok, batch, cfg, model = ppo_share(acc)
     model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
@@ -110,14 +124,7 @@ def updated_weights(acc) -> dict[str, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     policy = build_policy(tok)
     policy, opt = acc.prepare(policy, torch.optim.SGD(policy.parameters(), lr=LR))
-    policy.train()
-    for step in range(2):
-        value, _ = batch_loss(policy, data, dpo_indices(acc, step),
-                              partial(PREFERENCE_LOSSES["sigmoid"], beta=0.5), tok.pad_token_id)
-        acc.backward(value)
-        acc.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+    dpo_two_steps(acc, policy, opt, data, tok)
     out["dpo"] = acc.unwrap_model(policy).state_dict()
     return out
 

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import partial
 
 import torch
 from distributed_common import assert_updates_match, worker_main
-from test_ddp import LR, _free_port, _tokenizer, dpo_data, dpo_indices, ppo_share
+from test_ddp import LR, _free_port, _tokenizer, dpo_data, dpo_two_steps, ppo_share
 from transformers import GPT2ForSequenceClassification
 
-from rlhf_toy.core import PREFERENCE_LOSSES
 from rlhf_toy.models import build_policy, freeze
 from rlhf_toy.sharding import full_state_dict, is_sharded, shard_model
 from rlhf_toy.train.onpolicy import collect_rollout, update
@@ -53,7 +51,6 @@ def rollout(model, tok) -> dict[str, torch.Tensor]:
 
 def updated_weights(acc, sharded: bool) -> dict[str, dict]:
     """The rollout, one PPO update and two DPO steps on this process's share."""
-    from rlhf_toy.train.dpo import batch_loss
 
     tok, batch, cfg, model = ppo_share(acc)
     if sharded:
@@ -70,15 +67,7 @@ def updated_weights(acc, sharded: bool) -> dict[str, dict]:
     policy = build_policy(tok)
     if sharded:
         shard_model(policy)
-    opt = torch.optim.SGD(policy.parameters(), lr=LR)
-    policy.train()
-    for step in range(2):
-        value, _ = batch_loss(policy, data, dpo_indices(acc, step),
-                              partial(PREFERENCE_LOSSES["sigmoid"], beta=0.5), tok.pad_token_id)
-        acc.backward(value)
-        acc.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+    dpo_two_steps(acc, policy, torch.optim.SGD(policy.parameters(), lr=LR), data, tok)
     out["dpo"] = full_state_dict(policy)
     return out
 
