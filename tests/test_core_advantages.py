@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhf_toy.core import (
+    center_scores,
     discounted_returns,
     group_advantages,
     grpo_policy_loss,
@@ -55,6 +56,20 @@ def test_group_advantages_match_trl_grpo_on_the_same_scores():
     mean = grouped.mean(1).repeat_interleave(4)
     std = nanstd(grouped, dim=1).repeat_interleave(4)
     torch.testing.assert_close(group_advantages(scores, 4), (scores - mean) / (std + 1e-4))
+
+
+def test_center_scores_subtracts_the_batch_or_each_prompts_mean():
+    """[1, 3, 10, 14]: batch mean 7 -> [-6, -4, 3, 7]; two prompts of G = 2, means 2 and 12
+    -> [-1, 1, -2, 2]. A per-prompt offset (what a pairwise reward model cannot know)
+    disappears with G = 2 but not with the batch mean."""
+    scores = torch.tensor([1.0, 3.0, 10.0, 14.0])
+    torch.testing.assert_close(center_scores(scores), torch.tensor([-6.0, -4.0, 3.0, 7.0]))
+    torch.testing.assert_close(center_scores(scores, 2), torch.tensor([-1.0, 1.0, -2.0, 2.0]))
+    offset = torch.tensor([5.0, 5.0, -3.0, -3.0])
+    torch.testing.assert_close(center_scores(scores + offset, 2), center_scores(scores, 2))
+    assert not torch.allclose(center_scores(scores + offset), center_scores(scores))
+    with pytest.raises(ValueError, match="multiple of group_size=3"):
+        center_scores(scores, 3)
 
 
 def test_rloo_advantages_closed_form_and_naive_loop():

@@ -16,7 +16,7 @@ from rlhf_toy.models import AUDIT_DIR, PolicyWithValueHead, build_policy, freeze
 from rlhf_toy.overoptimization import OveroptimizationMonitor
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
-from rlhf_toy.train.onpolicy import collect_rollout
+from rlhf_toy.train.onpolicy import collect_rollout, learning_rate
 from rlhf_toy.train.ppo import PPO, PPOConfig
 
 
@@ -58,6 +58,42 @@ def test_uncentered_shared_score_becomes_a_bias_towards_eos():
 
     centered, _ = constant_score_rollout(center=True, whiten_advantages=True)
     assert centered.advantages.abs().max() < 1e-6
+
+
+def test_target_kl_is_the_flag_else_the_tasks_else_the_default():
+    """--target_kl wins; else the task's own (sentiment 3, sorting 2); else
+    DEFAULT_TARGET_KL (a task that proposes none, or a user's prompts: task None)."""
+    from rlhf_toy.config import DEFAULT_TARGET_KL
+    from rlhf_toy.tasks.base import Task
+    from rlhf_toy.train.onpolicy import target_kl
+
+    class Plain(Task):  # proposes nothing
+        sample_prompt = sample_response = gold = None
+
+    cfg = PPOConfig(output_dir="unused")
+    assert [target_kl(cfg, t) for t in (get_task("sentiment"), get_task("sorting"), Plain(),
+                                        None)] == [3.0, 2.0, DEFAULT_TARGET_KL, DEFAULT_TARGET_KL]
+    assert target_kl(PPOConfig(output_dir="unused", target_kl=1.5), get_task("sorting")) == 1.5
+
+
+def test_learning_rate_schedule_closed_form():
+    """Iteration it of max_steps 10 at 1e-3: constant; linear 1e-3 * (1 - (it - 1) / 10);
+    with 4 warm-up iterations also times min(1, it / 5); and a bad name is one usage error."""
+    from rlhf_toy.config import UsageError
+
+    const = PPOConfig(output_dir="unused", learning_rate=1e-3, max_steps=10,
+                      lr_scheduler_type="constant")
+    linear = PPOConfig(output_dir="unused", learning_rate=1e-3, max_steps=10,
+                       lr_scheduler_type="linear")
+    warm = PPOConfig(output_dir="unused", learning_rate=1e-3, max_steps=10,
+                     lr_scheduler_type="linear", warmup_steps=4)
+    assert [learning_rate(const, it) for it in (1, 10)] == [1e-3, 1e-3]
+    assert [learning_rate(linear, it) for it in (1, 6, 10)] == \
+        pytest.approx([1e-3, 0.5e-3, 0.1e-3])
+    assert [learning_rate(warm, it) for it in (1, 2, 6)] == \
+        pytest.approx([1e-3 * 1 / 5, 1e-3 * 2 / 5 * 0.9, 0.5e-3])
+    with pytest.raises(UsageError, match="lr_scheduler_type"):
+        PPOConfig(output_dir="unused", lr_scheduler_type="cosine")
 
 
 def test_overoptimization_audit_rule_fires_when_proxy_rises_and_audit_falls():
@@ -113,14 +149,16 @@ def test_the_defaults_are_ppo_and_dpo_sigmoid_only():
     from rlhf_toy.train.rloo import RLOOConfig
 
     fields = ("learning_rate", "beta", "adaptive_kl", "target_kl", "kl_horizon",
-              "center_scores", "eval_steps", "warmup_steps")
+              "center_scores", "eval_steps", "warmup_steps", "lr_scheduler_type")
     c = PPOConfig()
-    assert tuple(getattr(c, f) for f in fields) == (3e-4, 0.3, True, 3.0, 160, True, 10, 0)
+    assert tuple(getattr(c, f) for f in fields) == (3e-4, 0.3, True, None, 160, True, 10, 0,
+                                                    "linear")
+    assert c.num_generations == 4
     for cls, lr, beta in ((GRPOConfig, 1e-3, 0.2), (RLOOConfig, 1e-3, 0.05),
                           (ReinforcePPConfig, 5e-4, 0.05)):
         c = cls()
         assert tuple(getattr(c, f) for f in fields) == (lr, beta, False, 2.0, 10000, False,
-                                                        0, 0)
+                                                        0, 0, "constant")
     assert [LOSS_TYPE_DEFAULTS[k]["learning_rate"] for k in ("sigmoid", "ipo", "simpo")] == \
         [3e-4, 1e-3, 1e-4]
 

@@ -5,6 +5,7 @@ Shapes: B batch, T time (response tokens), V vocabulary; `mask` is 1 on real tok
 """
 
 from rlhf_toy.core.advantages import (
+    center_scores,
     group_advantages,
     reinforce_pp_advantages,
     rloo_advantages,
@@ -39,6 +40,7 @@ from rlhf_toy.core.returns import (
 )
 
 __all__ = [
+    "center_scores",
     "ESTIMATORS",
     "PREFERENCE_LOSSES",
     "PreferenceLoss",

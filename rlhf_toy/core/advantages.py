@@ -50,6 +50,25 @@ def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True,
     return centered.reshape(-1)  # (B // G, G) -> (B,)
 
 
+def center_scores(scores: torch.Tensor, group_size: int = 1) -> torch.Tensor:
+    """Subtract a baseline from sequence scores: the batch's mean (`group_size` 1) or each
+    prompt's mean over its G contiguous completions (`group_advantages` without scaling).
+
+    A Bradley-Terry reward model is trained on pairs of responses to the same prompt, so it
+    knows each prompt's scores only up to a constant; the group mean removes that constant,
+    the batch mean only its average.
+
+    Args:
+        scores: (B,) sequence scores.
+        group_size: 1, or G >= 2 dividing B.
+    Returns:
+        (B,) centered scores.
+    """
+    if group_size == 1:
+        return scores - scores.mean()
+    return group_advantages(scores, group_size, scale=False)
+
+
 def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """REINFORCE Leave-One-Out (Ahmadian et al. 2024, eq. 7; Kool et al. 2019):
 

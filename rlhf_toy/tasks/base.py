@@ -20,12 +20,17 @@ class Task(ABC):
         words: the task vocabulary (special tokens are added by the tokenizer).
         max_prompt_tokens: the longest prompt `sample_prompt` produces.
         max_response_tokens: the longest corpus response, EOS excluded.
+        target_kl: the KL to the reference (nats per response) that PPO's adaptive
+            controller aims at on this task when `--target_kl` is not given; None: PPO's
+            default (`config.DEFAULT_TARGET_KL`). How far a policy can move before the
+            learned reward model stops tracking the gold reward depends on the task.
     """
 
     name: str = ""
     words: tuple[str, ...] = ()
     max_prompt_tokens: int = 0
     max_response_tokens: int = 0
+    target_kl: float | None = None
 
     @abstractmethod
     def sample_prompt(self, rng: random.Random) -> str:

@@ -97,6 +97,7 @@ class SentimentTask(Task):
         ("the",) + SUBJECTS + VERBS + ADVERBS + tuple(POLARITY) + CONJUNCTIONS + (".",)))
     max_prompt_tokens = 3
     max_response_tokens = 15
+    target_kl = 3.0  # README, "Defaults that hold on every task" (5 seeds at 2, 2.5 and 3)
 
     def sample_prompt(self, rng: random.Random) -> str:
         return f"the {rng.choice(SUBJECTS)} {rng.choice(VERBS)}"

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import DistributedType
 
-from rlhf_toy.config import OnPolicyConfig, policy_dir, policy_flag
+from rlhf_toy.config import DEFAULT_TARGET_KL, OnPolicyConfig, policy_dir, policy_flag
 from rlhf_toy.core import (
     AdaptiveKLController,
     FixedKLController,
+    center_scores,
     entropy_from_logits,
     last_token_index,
     logprobs_from_logits,
@@ -76,8 +77,9 @@ class Rollout:
         logprobs: (B, T) log pi_old(a_t | s_t) at the sampling temperature.
         ref_logprobs: (B, T) the same under the frozen reference.
         scores: (B,) the scores that enter the rewards: reward-model scores minus the
-            missing-EOS penalty, centered over B if center_scores (PPO whitens raw_scores
-            instead if whiten_scores).
+            missing-EOS penalty, centered if center_scores (over B, or over each prompt's
+            completions if num_generations > 1; PPO whitens raw_scores instead if
+            whiten_scores).
         rewards: (B, T) the per-token rewards the algorithm optimises (the score on the
             last token, with the KL penalty where it is in the reward); 0 on padding.
         advantages: (B, T) the algorithm's advantages, on every real token.
@@ -170,8 +172,10 @@ def score_rollout(method: OnPolicyMethod, model, ref_model, reward_model, s: Sam
     scores = (reward_scores(reward_model, *inputs) if score_fn is None
               else score_fn(*inputs)).float()
     raw_scores = scores - cfg.missing_eos_penalty * (~s.ended_with_eos).float()
-    # an untrained critic turns a score shared by every response into a length bias
-    scores = raw_scores - raw_scores.mean() if cfg.center_scores else raw_scores
+    # an untrained critic turns a score shared by every response into a length bias; with
+    # several completions per prompt, each prompt's own mean (a reward model trained on
+    # pairs knows each prompt's scores only up to a constant)
+    scores = center_scores(raw_scores, cfg.num_generations) if cfg.center_scores else raw_scores
     # 3. old log-probs (and values) in one pass, reference log-probs
     mask = s.mask.float()
     if sampler_logprobs:
@@ -222,6 +226,16 @@ def update(method: OnPolicyMethod, model, optimizer, acc, batch: Rollout, cfg: O
             for k, v in {**mb_stats, **logged}.items():
                 stats.setdefault(k, []).append(v)
     return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def learning_rate(cfg: OnPolicyConfig, it: int) -> float:
+    """The learning rate of iteration `it` (1-based): a linear warm-up over `warmup_steps`
+    iterations, then constant or, with `lr_scheduler_type` linear, times a linear decay
+    from 1 to 1 / max_steps at the last iteration (as DPO's, and TRL's default)."""
+    lr = cfg.learning_rate * min(1.0, it / (cfg.warmup_steps + 1))
+    if cfg.lr_scheduler_type == "linear":
+        lr *= 1.0 - (it - 1) / cfg.max_steps
+    return lr
 
 
 class NonFiniteUpdate(Exception):
@@ -344,6 +358,15 @@ def eval_row(ev: dict, monitor: OveroptimizationMonitor, it: int) -> dict[str, f
     return row
 
 
+def target_kl(cfg: OnPolicyConfig, task) -> float:
+    """The adaptive controller's target: `--target_kl` if given, else the task's own
+    (`Task.target_kl`), else `DEFAULT_TARGET_KL` (also for a user's prompts, `task` None)."""
+    if cfg.target_kl is not None:
+        return cfg.target_kl
+    proposed = getattr(task, "target_kl", None)
+    return DEFAULT_TARGET_KL if proposed is None else float(proposed)
+
+
 def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
     """Train with `method` for `cfg.max_steps` iterations; write the model, `metrics.jsonl`
     and `summary.json` (gold/proxy before and after, KL to the reference, wall time)."""
@@ -357,8 +380,8 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
                                                                                   acc)
     prompt_source, held_out = stage_prompts(cfg, task, tokenizer,
                                             context_length(ref_model.config))
-    kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-              else FixedKLController(cfg.beta))
+    kl_ctl = (AdaptiveKLController(cfg.beta, target_kl(cfg, task), cfg.kl_horizon)
+              if cfg.adaptive_kl else FixedKLController(cfg.beta))
     audit_model = load_audit_model(cfg)
     audit_model = audit_model.to(acc.device) if audit_model is not None else None
     monitor = OveroptimizationMonitor(cfg.overopt_drop)
@@ -403,8 +426,8 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
             write_training_snapshot(cfg.output_dir, it, batch, tokenizer, prompts, gold, cfg,
                                     kl_ctl.value, stage=method.stage)
         model.train()
-        for group in optimizer.param_groups:  # linear warm-up, a function of it: resumable
-            group["lr"] = cfg.learning_rate * min(1.0, it / (cfg.warmup_steps + 1))
+        for group in optimizer.param_groups:  # a function of it: resumable
+            group["lr"] = learning_rate(cfg, it)
         try:
             stats = update(method, model, optimizer, acc, batch, cfg, kl_ctl.value,
                            torch.Generator().manual_seed(it_seed))
@@ -423,20 +446,24 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
                         kl=f"{row['kl']:.2f}")
         bar.update(1)
     bar.close()
-    return finish(cfg, acc, unwrapped, tokenizer, log, before, evaluate(), monitor, t0)
+    return finish(cfg, acc, unwrapped, tokenizer, log, before, evaluate(), monitor, t0,
+                  target=getattr(kl_ctl, "target", None))
 
 
 def finish(cfg: OnPolicyConfig, acc, unwrapped, tokenizer, log, before: dict, after: dict,
-           monitor: OveroptimizationMonitor, t0: float) -> dict:
+           monitor: OveroptimizationMonitor, t0: float, target: float | None = None) -> dict:
     """The summary (the keys every on-policy and preference stage writes, and the
-    over-optimization indicator's `overoptimization`); the main process saves the model,
-    the tokenizer and `summary.json`."""
+    over-optimization indicator's `overoptimization`; `target_kl`, the adaptive
+    controller's target, where there is one); the main process saves the model, the
+    tokenizer and `summary.json`."""
     final = eval_row(after, monitor, cfg.max_steps)
     summary = {**gold_summary(before.get("gold_reward"), after.get("gold_reward")),
                "proxy_reward_before": before["proxy_reward"],
                "proxy_reward_after": after["proxy_reward"], "kl_to_ref": after["kl_to_ref"],
                "response_len": after["response_len"], "eos_frac": after["eos_frac"],
                "overoptimization": monitor.summary(), "wall_s": time.perf_counter() - t0}
+    if target is not None:
+        summary["target_kl"] = target
     if acc.is_main_process:
         log.write(cfg.max_steps, **final)
     finish_stage(cfg, acc, unwrapped, tokenizer, summary)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from rlhf_toy.config import OnPolicyConfig, _f, _positive, _unit, check, policy_dir, policy_flag
+from rlhf_toy.config import DEFAULT_TARGET_KL, OnPolicyConfig, _f, _positive, _unit, check, policy_dir, policy_flag
 from rlhf_toy.core import (
     gae,
     last_token_index,
@@ -41,12 +41,18 @@ class PPOConfig(OnPolicyConfig):
 
     # PPO's defaults (README, "Defaults that hold on every task": chosen by
     # scripts/sweep_defaults.py over both tasks and seeds 0-4)
-    learning_rate: float = _f(3e-4, "AdamW learning rate")
+    learning_rate: float = _f(3e-4, "AdamW learning rate (peak)")
+    lr_scheduler_type: str = _f("linear", "constant | linear (decay towards 0 at max_steps)")
+    num_generations: int = _f(4, "completions per prompt, contiguous in the batch; "
+                                 "batch_size / num_generations prompts per iteration")
     beta: float = _f(0.3, "KL coefficient (initial value if adaptive_kl)")
     adaptive_kl: bool = _f(True, "adapt beta towards target_kl (Ziegler et al. 2019)")
-    target_kl: float = _f(3.0, "target sequence KL (nats per response) of the adaptive controller")
+    target_kl: float | None = _f(None, "target sequence KL (nats per response) of the adaptive "
+                                       "controller; default: the task's target_kl if it "
+                                       f"proposes one, else {DEFAULT_TARGET_KL:g}")
     kl_horizon: int = _f(160, "horizon (in rollouts) of the adaptive controller")
-    center_scores: bool = _f(True, "subtract the batch's mean score (a baseline; see README)")
+    center_scores: bool = _f(True, "subtract each prompt's mean score over its completions "
+                                   "(the batch's with num_generations 1; see README)")
     eval_steps: int = _f(10, "held-out gold/proxy evaluation every N iterations; 0 = start and end")
 
     gamma: float = _f(1.0, "discount over response tokens")
