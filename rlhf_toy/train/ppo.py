@@ -14,7 +14,16 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from rlhf_toy.config import DEFAULT_TARGET_KL, OnPolicyConfig, _f, _positive, _unit, check, policy_dir, policy_flag
+from rlhf_toy.config import (
+    DEFAULT_TARGET_KL,
+    OnPolicyConfig,
+    _f,
+    _positive,
+    _unit,
+    check,
+    policy_dir,
+    policy_flag,
+)
 from rlhf_toy.core import (
     gae,
     last_token_index,
