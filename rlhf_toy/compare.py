@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import sys
@@ -44,6 +45,7 @@ from rlhf_toy.errors import UsageError
 from rlhf_toy.evaluate import NO_GOLD, SamplingArgs, eval_prompts, evaluate_policy, win_rate
 from rlhf_toy.methods import METHODS, STAGES
 from rlhf_toy.models import freeze, load_policy, load_reward_model
+from rlhf_toy.overoptimization import OveroptimizationMonitor
 from rlhf_toy.report_html import render_compare_html
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
@@ -174,7 +176,7 @@ def run_seed(cfg: CompareConfig, seed: int, templates: dict[str, dict], device) 
             stage, templates[name], **fixed, **inputs, output_dir=os.path.join(root, name)))
         beta = read_run_config(main_dir).get("beta")
         result["methods"][name] = {**evaluator.measure_dir(main_dir), "dir": main_dir,
-                                   "beta": beta}
+                                   "beta": beta, "overoptimization": indicator(main_dir)}
         for b in sweep_betas(beta, cfg.beta_factors) if cfg.sweep else []:
             out = os.path.join(root, "sweep", f"{name}_beta_{b:g}")
             path = train(stage, stage_config(
@@ -183,6 +185,23 @@ def run_seed(cfg: CompareConfig, seed: int, templates: dict[str, dict], device) 
             result["sweep"].append({"method": name, "beta": b, "dir": path,
                                     **evaluator.measure_dir(path)})
     return result
+
+
+def indicator(run_dir: str) -> dict | None:
+    """The run's gold-free over-optimization indicator where it fired (`rule`, `step`, the
+    `message` it warned), else None (quiet, or a stage without one: the preference losses)."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        state = json.load(fh).get("overoptimization")
+    if not state or not state.get("fired"):
+        return None
+    monitor = OveroptimizationMonitor()
+    monitor.load_state_dict({"params": state["params"], "evals": state["evals"],
+                             "fired": {k: v for k, v in state.items()
+                                       if k not in ("fired", "params", "evals")}})
+    return {"rule": state["rule"], "step": state["step"], "message": monitor.message()}
 
 
 # --------------------------------------------------------------------------- statistics

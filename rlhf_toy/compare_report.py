@@ -56,6 +56,18 @@ def _seeds_note(seeds: list[int]) -> str:
             "called ahead of another only when the gap is at least 2 standard errors.")
 
 
+def indicator_lines(summary: dict, methods: list[str]) -> list[str]:
+    """The gold-free over-optimization indicator of every main on-policy run: one line per
+    run where it fired, or one line saying it stayed quiet."""
+    fired = [f"- {m}, seed {r['seed']}: {r['overoptimization']['message']}"
+             for m in methods for r in summary[m]["per_seed"] if r.get("overoptimization")]
+    if not fired:
+        return ["The gold-free over-optimization indicator (README, \"Defaults that hold on "
+                "every task\") stayed quiet on every on-policy run."]
+    return ["The gold-free over-optimization indicator fired (no gold reward needed; an "
+            "earlier policy or a smaller target KL is likely better):", "", *fired]
+
+
 def report_markdown(summary: dict) -> str:
     """`report.md`: methods table, per-seed gold, sweep table, plots, verdicts, warnings."""
     methods, seeds, cols = summary["methods"], summary["seeds"], _cols(summary)
@@ -84,6 +96,7 @@ def report_markdown(summary: dict) -> str:
         lines += ["| " + " | ".join([m, *(_num(r["gold_reward"])
                                           for r in summary[m]["per_seed"])]) + " |"
                   for m in ("sft", *methods)]
+    lines += ["", *indicator_lines(summary, methods)]
     if summary["sweep"]:
         lines += ["", "## Frontier sweep", "", head, rule]
         lines += [_row(p["method"], p, cols, f"{p['beta']:g}") for p in summary["sweep"]]

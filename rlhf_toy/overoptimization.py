@@ -20,6 +20,12 @@ the held-out evaluations (proxy_i, kl_i, audit_i), i = 0 the policy before train
    (kl_k >= kl_j - min_kl): it moved far from the reference, where the reward model was
    never trained, for almost no proxy (the regime where Gao et al. 2023 see the gold reward
    fall). A jump the KL controller pulls back at the next evaluation does not fire.
+3. `kl_budget`: the KL stayed above `kl_budget` nats at two evaluations in a row (the
+   stages set it to 3 x the task's target KL). The proxy keeps rising with the KL however
+   far the policy goes, so the proxy-versus-KL curve alone cannot tell where the gold
+   reward turns; the KL can: on both built-in tasks, seeds 0-4 at beta 0, every run whose
+   gold fell below the SFT policy's crossed 3 x target (README, "Defaults that hold on
+   every task"), and no run at the defaults came near it.
 
 It fires once, on the first rule met; `summary()` records which, where and the numbers.
 """
@@ -35,15 +41,19 @@ class OveroptimizationMonitor:
         min_drop: the smallest fall of the audit score that counts (>= 0).
         slope_frac: fraction of the first proxy-per-nat rate below which a KL step fires (> 0).
         min_kl: the smallest KL growth (nats) between two evaluations the slope rule reads (> 0).
+        kl_budget: the KL (nats) the budget rule reads (> 0); None: no budget rule.
     """
 
     def __init__(self, drop: float = 0.5, min_drop: float = 0.5, slope_frac: float = 0.1,
-                 min_kl: float = 1.0):
-        if not (drop > 0 and min_drop >= 0 and slope_frac > 0 and min_kl > 0):
-            raise ValueError("drop, slope_frac and min_kl must be > 0 and min_drop >= 0 (got "
-                             f"{drop}, {slope_frac}, {min_kl}, {min_drop})")
+                 min_kl: float = 1.0, kl_budget: float | None = None):
+        if not (drop > 0 and min_drop >= 0 and slope_frac > 0 and min_kl > 0
+                and (kl_budget is None or kl_budget > 0)):
+            raise ValueError("drop, slope_frac, min_kl and kl_budget must be > 0 and min_drop "
+                             f">= 0 (got {drop}, {slope_frac}, {min_kl}, {kl_budget}, "
+                             f"{min_drop})")
         self.params = {"drop": float(drop), "min_drop": float(min_drop),
-                       "slope_frac": float(slope_frac), "min_kl": float(min_kl)}
+                       "slope_frac": float(slope_frac), "min_kl": float(min_kl),
+                       "kl_budget": None if kl_budget is None else float(kl_budget)}
         self.evals: list[dict[str, float]] = []
         self.fired: dict | None = None
 
@@ -51,7 +61,7 @@ class OveroptimizationMonitor:
         """Record one evaluation; True if the indicator fires at this one (only once)."""
         self.evals.append({"step": step, "proxy": proxy, "kl": kl, "audit": audit})
         if self.fired is None and len(self.evals) >= 3:  # 0, the first rate, then compare
-            self.fired = self._audit_rule() or self._slope_rule()
+            self.fired = self._audit_rule() or self._slope_rule() or self._budget_rule()
             return self.fired is not None
         return False
 
@@ -83,6 +93,14 @@ class OveroptimizationMonitor:
                     "jump_kl": jump["kl"], "rate": rate, "first_rate": first_rate}
         return None
 
+    def _budget_rule(self) -> dict | None:
+        budget = self.params.get("kl_budget")  # absent in states saved before the rule
+        prev, now = self.evals[-2:]
+        if budget is not None and prev["kl"] > budget and now["kl"] > budget:
+            return {"rule": "kl_budget", **now, "ref_step": prev["step"], "ref_kl": prev["kl"],
+                    "budget": budget}
+        return None
+
     def message(self) -> str:
         """The one warning line of a fired indicator."""
         f = self.fired
@@ -90,6 +108,10 @@ class OveroptimizationMonitor:
             why = (f"the proxy score rose to {f['proxy']:.3f} (from {f['ref_proxy']:.3f} at "
                    f"iteration {f['ref_step']}) while the audit reward model's score fell from "
                    f"{f['ref_audit']:.3f} to {f['audit']:.3f}")
+        elif f["rule"] == "kl_budget":
+            why = (f"the KL to the reference stayed above its budget of {f['budget']:.1f} nats "
+                   f"({f['ref_kl']:.2f} at iteration {f['ref_step']}, {f['kl']:.2f} now; 3 x "
+                   f"the task's target KL) while the proxy rose to {f['proxy']:.3f}")
         else:
             why = (f"the KL to the reference jumped from {f['ref_kl']:.2f} to {f['jump_kl']:.2f} "
                    f"nats after iteration {f['ref_step']} for {f['rate']:.3f} proxy per nat (the "

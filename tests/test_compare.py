@@ -17,7 +17,7 @@ from rlhf_toy.compare import (
     run_compare,
     sweep_betas,
 )
-from rlhf_toy.compare_report import report_markdown
+from rlhf_toy.compare_report import indicator_lines, report_markdown
 from rlhf_toy.config import CompareConfig, UsageError, parse_config
 from rlhf_toy.core.stats import standard_error
 from rlhf_toy.models import load_policy
@@ -106,6 +106,33 @@ def test_frontier_holds_trained_policies_only_and_the_report_says_when_below_ref
     assert _summary([0.60, 0.62], [0.70, 0.76], [0.50, 0.50])[0]["below_reference"] == []
     (near,) = _summary([0.60, 0.62], [0.58, 0.63], [0.50, 0.50])[0]["below_reference"]
     assert near.startswith("PPO ends below the reference, within the noise: gold 0.605")
+
+
+def test_report_lists_the_runs_whose_indicator_fired(tmp_path):
+    """A run whose summary.json holds a fired indicator gets one report line with the
+    warning its stage printed; a quiet run, a DPO run (no indicator) and a missing summary
+    give none; with none fired the report says the indicator stayed quiet."""
+    from rlhf_toy.compare import indicator
+    from rlhf_toy.overoptimization import OveroptimizationMonitor
+
+    m = OveroptimizationMonitor(kl_budget=6.0)
+    for step, proxy, kl in [(0, 0.0, 0.0), (10, 1.0, 7.0), (20, 1.5, 8.0)]:
+        m.update(step, proxy, kl, None)
+    for name, summary in (("fired", {"overoptimization": m.summary()}),
+                          ("quiet", {"overoptimization": OveroptimizationMonitor().summary()}),
+                          ("dpo", {"gold_reward_after": 0.5})):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    fired = indicator(str(tmp_path / "fired"))
+    assert (fired["rule"], fired["step"], fired["message"]) == ("kl_budget", 20, m.message())
+    assert [indicator(str(tmp_path / n)) for n in ("quiet", "dpo", "missing")] == [None] * 3
+    rows = {"ppo": {"per_seed": [{"seed": 0, "overoptimization": None},
+                                 {"seed": 1, "overoptimization": fired}]},
+            "dpo": {"per_seed": [{"seed": 0, "overoptimization": None}]}}
+    lines = indicator_lines(rows, ["ppo", "dpo"])
+    assert lines[-1] == f"- ppo, seed 1: {m.message()}" and len(lines) == 3
+    rows["ppo"]["per_seed"][1]["overoptimization"] = None
+    assert "stayed quiet on every on-policy run" in indicator_lines(rows, ["ppo", "dpo"])[0]
 
 
 def test_sweep_betas_scale_the_main_beta():

@@ -140,6 +140,37 @@ def test_overoptimization_kl_slope_rule():
     assert not back.summary()["fired"]
 
 
+def test_overoptimization_kl_budget_rule():
+    """Budget 6 nats, (step, proxy, kl) with the proxy rising all along: KL 7 at step 20 is one
+    evaluation above (quiet), 5 at step 30 back under (quiet), 7 and 8 at steps 40 and 50
+    two in a row: fires at 50. Without a budget the same run is quiet (the slope rule sees
+    no jump of half the KL)."""
+    run = [(0, 0.0, 0.0), (10, 1.0, 4.0), (20, 1.5, 7.0), (30, 1.6, 5.0), (40, 2.0, 7.0),
+           (50, 2.2, 8.0), (60, 2.3, 9.0)]
+    m, plain = OveroptimizationMonitor(kl_budget=6.0), OveroptimizationMonitor()
+    assert [m.update(s, p, k, None) for s, p, k in run] == [False] * 5 + [True, False]
+    for s, p, k in run:
+        plain.update(s, p, k, None)
+    s = m.summary()
+    assert s["rule"] == "kl_budget" and (s["step"], s["ref_step"], s["kl"], s["ref_kl"]) == \
+        (50, 40, 8.0, 7.0)
+    assert "stayed above its budget of 6.0 nats" in m.message()
+    assert not plain.summary()["fired"]
+    with pytest.raises(ValueError, match="kl_budget"):
+        OveroptimizationMonitor(kl_budget=0.0)
+
+
+def test_kl_budget_is_three_targets():
+    """3 x the controller's target (the flag, else the task's); 3 x the task's target for a
+    stage at a fixed beta (the critic-free defaults), whatever their unused target_kl."""
+    from rlhf_toy.train.onpolicy import kl_budget
+    from rlhf_toy.train.rloo import RLOOConfig
+
+    assert kl_budget(PPOConfig(output_dir="unused"), get_task("sorting")) == 6.0
+    assert kl_budget(PPOConfig(output_dir="unused", target_kl=1.0), get_task("sorting")) == 3.0
+    assert kl_budget(RLOOConfig(output_dir="unused"), get_task("sentiment")) == 9.0
+
+
 def test_the_defaults_are_ppo_and_dpo_sigmoid_only():
     """PPO and DPO's sigmoid loss take the measured defaults; the critic-free methods and
     the other preference losses keep theirs (measured by their own sweeps)."""
@@ -166,32 +197,38 @@ def test_the_defaults_are_ppo_and_dpo_sigmoid_only():
 # ----------------------------------------------------------------- slow: full-size seed 0
 
 
-def run(stage_cls, runner, **kw) -> dict:
-    argv = [f"--{k}={v}" for k, v in kw.items()] + ["--device", "cpu", "--seed", "0"]
+def run(stage_cls, runner, task: str = "sentiment", **kw) -> dict:
+    argv = [f"--{k}={v}" for k, v in kw.items()] + ["--device", "cpu", "--seed", "0",
+                                                    "--task", task]
     return runner(parse_config(stage_cls, argv))
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
+def pipeline(out: str, task: str) -> str:
     """sft -> prefs -> reward (with its audit model) at the pipeline's defaults, seed 0,
-    and PPO at its defaults."""
+    and PPO at its defaults, on `task`, into OUT."""
     from rlhf_toy.cli import _stages
 
-    out = str(tmp_path_factory.mktemp("default_run"))
     stages = _stages()
     for stage, inputs in (("sft", {}), ("prefs", {"sft_dir": "sft"}),
                           ("reward", {"sft_dir": "sft", "prefs_dir": "prefs"}),
                           ("ppo", {"sft_dir": "sft", "reward_dir": "reward"})):
         cls, runner, _ = stages[stage]
-        run(cls, runner, output_dir=os.path.join(out, stage),
+        run(cls, runner, task, output_dir=os.path.join(out, stage),
             **{k: os.path.join(out, v) for k, v in inputs.items()})
     return out
 
 
-def ppo(out: str, name: str, sft_dir: str = "sft", reward_dir: str = "reward", **kw) -> dict:
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default task's seed-0 pipeline (the README's)."""
+    return pipeline(str(tmp_path_factory.mktemp("default_run")), "sentiment")
+
+
+def ppo(out: str, name: str, sft_dir: str = "sft", reward_dir: str = "reward",
+        task: str = "sentiment", **kw) -> dict:
     from rlhf_toy.train.ppo import run_ppo
 
-    return run(PPOConfig, run_ppo, output_dir=os.path.join(out, name),
+    return run(PPOConfig, run_ppo, task, output_dir=os.path.join(out, name),
                sft_dir=os.path.join(out, sft_dir), reward_dir=os.path.join(out, reward_dir), **kw)
 
 
@@ -212,21 +249,18 @@ def test_continuing_from_a_converged_policy_keeps_it(default_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="on the shared on-policy loop the seed-0 beta 0 run "
-                   "(gold 0.925 at iteration 60 -> 0.487, KL 25) does not fire: its KL jumps "
-                   "and is partly pulled back each time (30 -> 22, 43 -> 29), which the "
-                   "kl_slope rule does not count, and the audit score rises with the proxy "
-                   "(README, Defaults that hold on every task)")
-def test_indicator_fires_on_beta_0_and_stays_quiet_at_the_defaults(default_run):
-    """beta 0 (scripts/overoptimization.py's setting): held-out gold falls from its peak
-    while the proxy rises, and the audit model's score says so; the default run is quiet."""
-    zero = ppo(default_run, "ppo_beta0", beta=0.0)
-    gold = [json.loads(line).get("eval_gold") for line in
-            open(os.path.join(default_run, "ppo_beta0", "metrics.jsonl"))]
-    gold = [g for g in gold if g is not None]
-    assert max(gold) - gold[-1] > 0.1  # the over-optimization the indicator must see
+def test_indicator_fires_on_beta_0_and_stays_quiet_at_the_defaults(tmp_path):
+    """beta 0 on sorting (seed 0; in the 5-seed sweep every sorting seed's beta 0 run ended
+    below its SFT policy, README): the proxy rises by more than 1 while held-out gold ends
+    below where it started, and the indicator fires; the default run is quiet and gains."""
+    out = pipeline(str(tmp_path), "sorting")
+    zero = ppo(out, "ppo_beta0", task="sorting", beta=0.0)
+    assert zero["proxy_reward_after"] > zero["proxy_reward_before"] + 1.0
+    assert zero["gold_reward_after"] < zero["gold_reward_before"]  # over-optimized
     assert zero["overoptimization"]["fired"]
-    assert not summary(default_run, "ppo")["overoptimization"]["fired"]
+    default = summary(out, "ppo")
+    assert default["gold_reward_after"] > default["gold_reward_before"] + 0.05
+    assert not default["overoptimization"]["fired"]
 
 
 @pytest.mark.slow

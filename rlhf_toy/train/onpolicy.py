@@ -358,13 +358,26 @@ def eval_row(ev: dict, monitor: OveroptimizationMonitor, it: int) -> dict[str, f
     return row
 
 
-def target_kl(cfg: OnPolicyConfig, task) -> float:
-    """The adaptive controller's target: `--target_kl` if given, else the task's own
-    (`Task.target_kl`), else `DEFAULT_TARGET_KL` (also for a user's prompts, `task` None)."""
-    if cfg.target_kl is not None:
-        return cfg.target_kl
+# the over-optimization indicator's KL budget, in units of the target KL
+KL_BUDGET_FACTOR = 3.0
+
+
+def task_target_kl(task) -> float:
+    """The task's own target KL (`Task.target_kl`), else `DEFAULT_TARGET_KL` (also for a
+    user's prompts, `task` None)."""
     proposed = getattr(task, "target_kl", None)
     return DEFAULT_TARGET_KL if proposed is None else float(proposed)
+
+
+def target_kl(cfg: OnPolicyConfig, task) -> float:
+    """The adaptive controller's target: `--target_kl` if given, else the task's."""
+    return cfg.target_kl if cfg.target_kl is not None else task_target_kl(task)
+
+
+def kl_budget(cfg: OnPolicyConfig, task) -> float:
+    """The indicator's KL budget: `KL_BUDGET_FACTOR` x the adaptive controller's target, or
+    x the task's target KL for a stage without the controller (fixed beta)."""
+    return KL_BUDGET_FACTOR * (target_kl(cfg, task) if cfg.adaptive_kl else task_target_kl(task))
 
 
 def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
@@ -384,7 +397,7 @@ def run_onpolicy(cfg: OnPolicyConfig, method: OnPolicyMethod) -> dict:
               if cfg.adaptive_kl else FixedKLController(cfg.beta))
     audit_model = load_audit_model(cfg)
     audit_model = audit_model.to(acc.device) if audit_model is not None else None
-    monitor = OveroptimizationMonitor(cfg.overopt_drop)
+    monitor = OveroptimizationMonitor(cfg.overopt_drop, kl_budget=kl_budget(cfg, task))
     args = SamplingArgs(cfg.max_new_tokens, cfg.temperature, cfg.top_k)
 
     def evaluate() -> dict:
