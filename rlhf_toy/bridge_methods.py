@@ -66,10 +66,13 @@ def _unit_scale(cfg) -> dict:
 
 # each on-policy method's settings beyond (or instead of) the shared ppo_* ones, from the
 # BridgeConfig; all prompts are the one BOS
-ONPOLICY = {"ppo": _unit_scale,
-            "grpo": lambda cfg: {"num_generations": 8, "kl_in": "reward", **_unit_scale(cfg)},
-            "rloo": lambda cfg: {"num_generations": 8},
-            "reinforce_pp": _unit_scale}
+ONPOLICY = {
+    # one prompt: the batch's mean is already its prompt's (PPO's default of 4 only splits it)
+    "ppo": lambda cfg: {"num_generations": 1, **_unit_scale(cfg)},
+    "grpo": lambda cfg: {"num_generations": 8, "kl_in": "reward", **_unit_scale(cfg)},
+    "rloo": lambda cfg: {"num_generations": 8},
+    "reinforce_pp": _unit_scale,
+}
 
 
 def _trainable(reference):

@@ -50,7 +50,7 @@ def dpo_dir(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ppo_report(ppo_dir):
-    return inspect_samples(ppo_dir, n=6, seed=0)
+    return inspect_samples(ppo_dir, n=8, seed=0)
 
 
 def naive_kl(logprob: float, ref: float, estimator: str) -> float:
@@ -92,7 +92,7 @@ def test_ppo_rows_follow_the_token_mdp_with_the_runs_own_constants(ppo_report):
     r = ppo_report
     assert (r["stage"], r["beta"], r["gamma"], r["lam"], r["kl_estimator"]) == (
         "ppo", BETA, GAMMA, LAM, ESTIMATOR)
-    assert len(r["samples"]) == 6
+    assert len(r["samples"]) == 8
     assert_token_mdp(r)
     # the trained value head was loaded (a fresh one outputs exactly 0) ...
     assert any(abs(v) > 1e-4 for s in r["samples"] for v in s["value"])
@@ -104,8 +104,8 @@ def test_ppo_rows_follow_the_token_mdp_with_the_runs_own_constants(ppo_report):
 
 def test_lam_zero_and_one_change_only_the_advantages(ppo_dir, ppo_report):
     """Same seed, same responses: lam 0 gives one-step TD errors, lam 1 Monte-Carlo returns."""
-    td = inspect_samples(ppo_dir, n=6, seed=0, lam=0.0)
-    mc = inspect_samples(ppo_dir, n=6, seed=0, lam=1.0)
+    td = inspect_samples(ppo_dir, n=8, seed=0, lam=0.0)
+    mc = inspect_samples(ppo_dir, n=8, seed=0, lam=1.0)
     for base, s0, s1 in zip(ppo_report["samples"], td["samples"], mc["samples"], strict=True):
         for c in ("token", "logprob", "reward", "value"):
             assert s0[c] == s1[c] == base[c]
@@ -123,12 +123,12 @@ def test_lam_zero_and_one_change_only_the_advantages(ppo_dir, ppo_report):
 
 
 def test_prompt_option_answers_the_given_prompt(ppo_dir):
-    r = inspect_samples(ppo_dir, n=3, prompt="the movie was", seed=1, kl_estimator="k1")
-    assert [s["prompt"] for s in r["samples"]] == ["the movie was"] * 3
+    r = inspect_samples(ppo_dir, n=4, prompt="the movie was", seed=1, kl_estimator="k1")
+    assert [s["prompt"] for s in r["samples"]] == ["the movie was"] * 4
     assert r["kl_estimator"] == "k1"
     assert_token_mdp(r)
     with pytest.raises(UsageError, match="prompt must be words of the 'sentiment' task"):
-        inspect_samples(ppo_dir, n=1, prompt="the movie was xyzzy")
+        inspect_samples(ppo_dir, n=4, prompt="the movie was xyzzy")
 
 
 def test_training_snapshots_hold_the_update_rollouts(ppo_dir):
@@ -176,20 +176,20 @@ def test_dpo_reward_is_the_implicit_per_token_reward(dpo_dir, capsys):
 
 def test_cli_prints_tables_and_writes_json_html_png(ppo_dir, tmp_path, capsys):
     files = {k: str(tmp_path / "views" / f"out.{k}") for k in ("json", "html", "png")}
-    argv = ["inspect", "--checkpoint", ppo_dir, "--n", "2", "--seed", "3"]
+    argv = ["inspect", "--checkpoint", ppo_dir, "--n", "4", "--seed", "3"]
     assert main(argv + [arg for k, f in files.items() for arg in (f"--{k}", f)]) == 0
     out = capsys.readouterr().out
     with open(files["json"]) as fh:
         report = json.load(fh)
     # the JSON round-trips: the Python API gives the very same report
-    assert report == inspect_samples(ppo_dir, n=2, seed=3)
+    assert report == inspect_samples(ppo_dir, n=4, seed=3)
     assert_token_mdp(report)
     for column in COLUMNS:
         assert column in out
     for s in report["samples"]:
         assert f"score={s['score']:+.3f}" in out and f"gold={s['gold']:.3f}" in out
         assert f"{s['advantage'][-1]:+.3f}" in out
-    assert "[inspect] stage=ppo  samples=2" in out
+    assert "[inspect] stage=ppo  samples=4" in out
     page = open(files["html"]).read()
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page
     assert page.count('class="tok"') == sum(len(s["token"]) for s in report["samples"])

@@ -365,11 +365,11 @@ def test_ppo_and_dpo_from_prompts_path_say_no_gold_reward(user_runs):
 def test_inspect_of_a_prompts_path_run_shows_no_gold(user_runs, tmp_path, capsys):
     """inspect samples the run's held-out prompts and shows no gold number anywhere."""
     dirs, _ = user_runs
-    code = main(["inspect", "--checkpoint", dirs["ppo"], "--n", "2", "--html",
+    code = main(["inspect", "--checkpoint", dirs["ppo"], "--n", "4", "--html",
                  str(tmp_path / "i.html")])
     text = capsys.readouterr().out
-    # two sample headers and the stage line
-    assert code == 0 and text.count(NO_GOLD) == 3 and re.search(r"gold[ =]\d", text) is None
+    # four sample headers and the stage line
+    assert code == 0 and text.count(NO_GOLD) == 5 and re.search(r"gold[ =]\d", text) is None
     assert NO_GOLD in (tmp_path / "i.html").read_text()
     assert main(["inspect", "--checkpoint", dirs["ppo"], "--n", "4", "--json",
                  str(tmp_path / "i.json")]) == 0

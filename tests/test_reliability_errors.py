@@ -414,7 +414,7 @@ def test_inspect_bad_run_config_and_unwritable_json(bad_inputs, tmp_path, capsys
     (broken / "run_config.json").write_text('{"stage": "ppo",')
     line = _one_line_error(["inspect", "--checkpoint", str(broken)], capsys)
     assert "run_config.json is not valid JSON (line 1)" in line
-    line = _one_line_error(["inspect", "--checkpoint", ppo, "--n", "2", "--json",
+    line = _one_line_error(["inspect", "--checkpoint", ppo, "--n", "4", "--json",
                             "/proc/no/x.json"], capsys)
     assert "'/proc/no/x.json' cannot be written" in line
     line = _one_line_error(["inspect", "--checkpoint", ppo, "--n", "1000000000000"], capsys)

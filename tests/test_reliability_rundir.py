@@ -175,10 +175,11 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
 def test_finished_ppo_run_continues_bit_for_bit(tiny_run, tmp_path):
     """`--max_steps 2 --save_steps 2`, then `--max_steps 4 --resume_from_checkpoint latest`
     equals a 4-step run: weights, value head, metrics rows and summary; run_config.json
-    keeps the resume history."""
+    keeps the resume history. At a constant learning rate: PPO's default linear decay is a
+    function of max_steps, so a run continued to more steps follows another schedule."""
     root, _ = tiny_run
     full, cont = str(tmp_path / "full"), str(tmp_path / "cont")
-    args = list(PPO_TINY)
+    args = list(PPO_TINY) + ["--lr_scheduler_type", "constant"]
     args[args.index("--eval_steps") + 1] = "0"
     run_stage("ppo", root, "--output_dir", full, *args)
     run_stage("ppo", root, "--output_dir", cont, *args, "--max_steps", "2", "--save_steps", "2")
