@@ -67,7 +67,9 @@ class PPOConfig(OnPolicyConfig):
     gamma: float = _f(1.0, "discount over response tokens")
     lam: float = _f(0.95, "GAE lambda")
     clip_range_value: float = _f(0.2, "value clipping around the old values")
-    vf_coef: float = _f(0.5, "value loss coefficient")
+    # the value head shares the policy's trunk: at 0.5 its loss's gradients, large when the
+    # returns are (a large beta), moved a tiny policy further than the KL penalty held it
+    vf_coef: float = _f(0.1, "value loss coefficient")
     critic: str = _f("value_head", "value_head (on the policy) | reward_model (separate critic)")
     whiten_scores: bool = _f(False, "whiten reward-model scores over the batch")
     whiten_advantages: bool = _f(True, "whiten advantages over the batch's real tokens")
