@@ -411,14 +411,15 @@ class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
         check(self.inspect_steps >= 0, "inspect_steps", ">= 0", self.inspect_steps)
 
 
-# Defaults of the dpo stage by loss type (README, "IPO and SimPO"; sigmoid's learning rate:
-# "Defaults that hold on every task"): each measured to raise held-out gold on the default
-# pipeline. SimPO's beta scales a length-normalized log-prob, and with no reference to hold
-# it, it needs a smaller learning rate; gamma is TRL's.
+# Defaults of the dpo stage by loss type (README, "IPO and SimPO"; sigmoid's learning rate
+# and budget: "Defaults that hold on every task"): each measured to raise held-out gold on
+# the default pipeline. SimPO's beta scales a length-normalized log-prob, and with no
+# reference to hold it, it needs a smaller learning rate; gamma is TRL's.
 LOSS_TYPE_DEFAULTS = {
-    "sigmoid": {"beta": 0.5, "learning_rate": 3e-4},
-    "ipo": {"beta": 1.0, "learning_rate": 1e-3},
-    "simpo": {"beta": 2.5, "learning_rate": 1e-4, "simpo_gamma": 0.5},
+    "sigmoid": {"beta": 0.5, "learning_rate": 3e-4, "batch_size": 64, "max_steps": 600},
+    "ipo": {"beta": 1.0, "learning_rate": 1e-3, "batch_size": 32, "max_steps": 300},
+    "simpo": {"beta": 2.5, "learning_rate": 1e-4, "simpo_gamma": 0.5, "batch_size": 32,
+              "max_steps": 300},
 }
 
 
@@ -459,8 +460,11 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
                                            "linear); default by loss_type: "
                                            + _defaults_help("learning_rate"))
     lr_scheduler_type: str = _f("linear", "linear (decay to 0 at max_steps, as TRL) | constant")
-    batch_size: int = _f(32, "pairs per optimizer step (split over gradient_accumulation_steps)")
-    max_steps: int = _f(300, "optimizer steps")
+    batch_size: int | None = _f(None, "pairs per optimizer step (split over "
+                                      "gradient_accumulation_steps); default by loss_type: "
+                                      + _defaults_help("batch_size"))
+    max_steps: int | None = _f(None, "optimizer steps; default by loss_type: "
+                                     + _defaults_help("max_steps"))
     eval_steps: int = _f(50, "held-out gold/proxy evaluation every N steps; 0 = start and end")
     truncate_prompts: bool = _f(False, "prompts too long for the context: false = error, "
                                        "true = keep their last tokens and warn how many")

@@ -30,6 +30,8 @@ from rlhf_toy.config import UsageError, parse_config  # noqa: E402
 PREV = ["--num_generations", "1", "--lr_scheduler_type", "constant", "--target_kl", "3",
         "--vf_coef", "0.5"]
 VF05 = ["--vf_coef", "0.5"]  # the value-loss coefficient of every run before vf_coef 0.1
+# DPO's previous budget: 300 steps of 32 pairs
+PREV_DPO = ["--batch_size", "32", "--max_steps", "300"]
 
 # name -> (method, overrides of the method's current defaults)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -59,14 +61,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ppo_target_kl2": ("ppo", PREV + ["--target_kl", "2"]),
     "ppo_target_kl4": ("ppo", PREV + ["--target_kl", "4"]),
     "dpo_default": ("dpo", []),
-    "dpo_old_defaults": ("dpo", ["--learning_rate", "1e-3"]),
-    "dpo_beta0.2": ("dpo", ["--beta", "0.2"]),
-    "dpo_steps600": ("dpo", ["--max_steps", "600"]),
-    "dpo_steps900": ("dpo", ["--max_steps", "900"]),
-    "dpo_bs64": ("dpo", ["--batch_size", "64"]),
-    "dpo_steps600_bs64": ("dpo", ["--max_steps", "600", "--batch_size", "64"]),
-    "dpo_ls0.1": ("dpo", ["--label_smoothing", "0.1"]),
-    "dpo_ls0.2": ("dpo", ["--label_smoothing", "0.2"]),
+    "dpo_prev_default": ("dpo", PREV_DPO),
+    "dpo_old_defaults": ("dpo", PREV_DPO + ["--learning_rate", "1e-3"]),
+    "dpo_beta0.2": ("dpo", PREV_DPO + ["--beta", "0.2"]),
+    "dpo_steps600": ("dpo", ["--batch_size", "32"]),
+    "dpo_bs64": ("dpo", ["--max_steps", "300"]),
+    "dpo_ls0.1": ("dpo", PREV_DPO + ["--label_smoothing", "0.1"]),
+    "dpo_ls0.2": ("dpo", PREV_DPO + ["--label_smoothing", "0.2"]),
 }
 BASE_STAGES = ("sft", "prefs", "reward")
 STAGE_INPUTS = {"sft_dir": "sft", "prefs_dir": "prefs", "reward_dir": "reward"}

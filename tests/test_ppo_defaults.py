@@ -192,6 +192,11 @@ def test_the_defaults_are_ppo_and_dpo_sigmoid_only():
                                                         0, 0, "constant")
     assert [LOSS_TYPE_DEFAULTS[k]["learning_rate"] for k in ("sigmoid", "ipo", "simpo")] == \
         [3e-4, 1e-3, 1e-4]
+    from rlhf_toy.config import DPOConfig  # DPO's budget: 600 x 64; IPO and SimPO keep theirs
+    assert [(c.max_steps, c.batch_size) for c in (DPOConfig(), DPOConfig(loss_type="ipo"),
+                                                  DPOConfig(loss_type="simpo"))] == \
+        [(600, 64), (300, 32), (300, 32)]
+    assert (DPOConfig(max_steps=10).max_steps, DPOConfig(batch_size=8).batch_size) == (10, 8)
 
 
 # ----------------------------------------------------------------- slow: full-size seed 0
