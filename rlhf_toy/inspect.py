@@ -20,8 +20,10 @@ groups are G consecutive completions of one prompt, so `n` must be a multiple of
 REINFORCE++ the per-token KL reward and its returns-to-go whitened over the B responses.
 
 `score` is the score that enters the rewards: the reward model's, minus the run's
-`missing_eos_penalty` for a response cut by the length limit, centered over the n samples
-if the run centered scores (or whitened, if it whitened them). A run with an adaptive KL controller is shown with the beta
+`missing_eos_penalty` for a response cut by the length limit, centered if the run centered
+scores (over each prompt's `num_generations` completions, or the n samples with one per
+prompt) or whitened if it whitened them; `rm_score`, shown where it differs, is the same
+before centering. A run with an adaptive KL controller is shown with the beta
 it ended with (the last `beta` in its metrics.jsonl).
 
 For a preference checkpoint (`dpo`, `ipo`, `simpo`) there is no critic: `kl` is k1,
@@ -203,8 +205,10 @@ def describe(report: dict) -> str:
 
 
 def sample_header(i: int, rec: dict) -> str:
+    raw = rec.get("rm_score")
+    rm = f"rm_score={raw:+.3f}  " if raw is not None and raw != rec["score"] else ""
     return (f"#{i} prompt: {rec['prompt']!r}  response: {rec['response']!r}  "
-            f"score={rec['score']:+.3f}  {gold_text(rec)}  KL={sequence_kl(rec):+.3f}")
+            f"{rm}score={rec['score']:+.3f}  {gold_text(rec)}  KL={sequence_kl(rec):+.3f}")
 
 
 def _present(report: dict) -> list[str]:

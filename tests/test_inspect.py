@@ -94,6 +94,12 @@ def test_ppo_rows_follow_the_token_mdp_with_the_runs_own_constants(ppo_report):
         "ppo", BETA, GAMMA, LAM, ESTIMATOR)
     assert len(r["samples"]) == 8
     assert_token_mdp(r)
+    # 2 prompts x 4 completions: score = rm_score minus its prompt's mean rm_score
+    for group in (r["samples"][:4], r["samples"][4:]):
+        assert len({s["prompt"] for s in group}) == 1
+        mean_rm = sum(s["rm_score"] for s in group) / 4
+        assert [s["score"] for s in group] == pytest.approx([s["rm_score"] - mean_rm
+                                                             for s in group], abs=1e-5)
     # the trained value head was loaded (a fresh one outputs exactly 0) ...
     assert any(abs(v) > 1e-4 for s in r["samples"] for v in s["value"])
     # ... and the advantages are raw: whitened ones would have mean 0 and variance 1

@@ -48,10 +48,15 @@ def ppo_records(batch, tokenizer, prompts: list[str], gold: list[float], kl_esti
     """Records of an on-policy `Rollout`; `advantages` (B, T) as they should be shown (raw GAE
     ones for PPO, not whitened)."""
     kl = kl_per_token(batch.logprobs, batch.ref_logprobs, kl_estimator) * batch.mask  # (B, T)
-    return token_records(tokenizer, prompts, gold, batch.scores, batch.response_ids, batch.mask,
-                         {"logprob": batch.logprobs, "ref_logprob": batch.ref_logprobs,
-                          "kl": kl, "reward": batch.rewards, "value": batch.values,
-                          "return": batch.returns, "advantage": advantages})
+    records = token_records(tokenizer, prompts, gold, batch.scores, batch.response_ids,
+                            batch.mask, {"logprob": batch.logprobs,
+                                         "ref_logprob": batch.ref_logprobs, "kl": kl,
+                                         "reward": batch.rewards, "value": batch.values,
+                                         "return": batch.returns, "advantage": advantages})
+    if batch.raw_scores is not None:  # before centering or whitening
+        for rec, raw in zip(records, batch.raw_scores.tolist(), strict=True):
+            rec["rm_score"] = raw
+    return records
 
 
 def write_training_snapshot(output_dir: str, step: int, batch, tokenizer, prompts: list[str],
