@@ -45,7 +45,6 @@ from rlhf_toy.errors import UsageError
 from rlhf_toy.evaluate import NO_GOLD, SamplingArgs, eval_prompts, evaluate_policy, win_rate
 from rlhf_toy.methods import METHODS, STAGES
 from rlhf_toy.models import freeze, load_policy, load_reward_model
-from rlhf_toy.overoptimization import OveroptimizationMonitor
 from rlhf_toy.report_html import render_compare_html
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import load_tokenizer
@@ -197,11 +196,9 @@ def indicator(run_dir: str) -> dict | None:
         state = json.load(fh).get("overoptimization")
     if not state or not state.get("fired"):
         return None
-    monitor = OveroptimizationMonitor()
-    monitor.load_state_dict({"params": state["params"], "evals": state["evals"],
-                             "fired": {k: v for k, v in state.items()
-                                       if k not in ("fired", "params", "evals")}})
-    return {"rule": state["rule"], "step": state["step"], "message": monitor.message()}
+    message = state.get("message") or (  # summaries written before the message was kept
+        f"reward-model over-optimization at iteration {state['step']} ({state['rule']} rule)")
+    return {"rule": state["rule"], "step": state["step"], "message": message}
 
 
 # --------------------------------------------------------------------------- statistics

@@ -110,8 +110,8 @@ class OveroptimizationMonitor:
                    f"{f['ref_audit']:.3f} to {f['audit']:.3f}")
         elif f["rule"] == "kl_budget":
             why = (f"the KL to the reference stayed above its budget of {f['budget']:.1f} nats "
-                   f"({f['ref_kl']:.2f} at iteration {f['ref_step']}, {f['kl']:.2f} now; 3 x "
-                   f"the task's target KL) while the proxy rose to {f['proxy']:.3f}")
+                   f"({f['ref_kl']:.2f} at iteration {f['ref_step']}, {f['kl']:.2f} now) while "
+                   f"the proxy rose to {f['proxy']:.3f}")
         else:
             why = (f"the KL to the reference jumped from {f['ref_kl']:.2f} to {f['jump_kl']:.2f} "
                    f"nats after iteration {f['ref_step']} for {f['rate']:.3f} proxy per nat (the "
@@ -120,8 +120,10 @@ class OveroptimizationMonitor:
                 f"policy (or a smaller target_kl / larger beta) is likely better")
 
     def summary(self) -> dict:
-        """`fired`, the rule's numbers where it fired (`rule`, `step`, ...), every evaluation."""
-        return {"fired": self.fired is not None, **(self.fired or {}), "params": self.params,
+        """`fired`, the rule's numbers and `message` where it fired (`rule`, `step`, ...),
+        every evaluation."""
+        fired = {**self.fired, "message": self.message()} if self.fired else {}
+        return {"fired": self.fired is not None, **fired, "params": self.params,
                 "evals": self.evals}
 
     def state_dict(self) -> dict:

@@ -196,6 +196,17 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def scheduled_learning_rate(cfg: Any, step: int, warmup_steps: int = 0) -> float:
+    """The learning rate of step `step` (1-based) of `cfg.max_steps`: `cfg.learning_rate`,
+    times a linear warm-up over `warmup_steps` steps, times (with `cfg.lr_scheduler_type`
+    linear) a linear decay from 1 to 1 / max_steps at the last step (TRL's default); a
+    function of the step alone, so a resumed run continues it."""
+    lr = cfg.learning_rate * min(1.0, step / (warmup_steps + 1))
+    if cfg.lr_scheduler_type == "linear":
+        lr *= 1.0 - (step - 1) / cfg.max_steps
+    return lr
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     """Indices of the examples in batch `step`: epochs of seeded permutations.
 

@@ -54,6 +54,7 @@ from rlhf_toy.train.common import (
     first_non_finite,
     open_run,
     progress,
+    scheduled_learning_rate,
     start_stage,
 )
 
@@ -253,11 +254,10 @@ def evaluate_pairs(model, data: PreferenceTensors, loss, pad_token_id: int,
 
 
 def set_learning_rate(optimizer, cfg: DPOConfig, step: int) -> float:
-    """The learning rate of optimizer step `step` (1-based): constant, or a linear decay from
-    `learning_rate` to 0 after `max_steps` (the default of TRL's `DPOTrainer`)."""
-    lr = cfg.learning_rate
-    if cfg.lr_scheduler_type == "linear":
-        lr *= 1.0 - (step - 1) / cfg.max_steps
+    """Set and return the learning rate of optimizer step `step` (1-based): constant, or a
+    linear decay from `learning_rate` to 0 after `max_steps` (the default of TRL's
+    `DPOTrainer`)."""
+    lr = scheduled_learning_rate(cfg, step)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr

@@ -60,6 +60,7 @@ from rlhf_toy.train.common import (
     first_non_finite,
     open_run,
     progress,
+    scheduled_learning_rate,
     start_stage,
 )
 from rlhf_toy.train.snapshots import write_training_snapshot
@@ -230,12 +231,8 @@ def update(method: OnPolicyMethod, model, optimizer, acc, batch: Rollout, cfg: O
 
 def learning_rate(cfg: OnPolicyConfig, it: int) -> float:
     """The learning rate of iteration `it` (1-based): a linear warm-up over `warmup_steps`
-    iterations, then constant or, with `lr_scheduler_type` linear, times a linear decay
-    from 1 to 1 / max_steps at the last iteration (as DPO's, and TRL's default)."""
-    lr = cfg.learning_rate * min(1.0, it / (cfg.warmup_steps + 1))
-    if cfg.lr_scheduler_type == "linear":
-        lr *= 1.0 - (it - 1) / cfg.max_steps
-    return lr
+    iterations, then constant or, with `lr_scheduler_type` linear, decaying as DPO's."""
+    return scheduled_learning_rate(cfg, it, cfg.warmup_steps)
 
 
 class NonFiniteUpdate(Exception):
