@@ -87,7 +87,7 @@ class BridgeConfig:
     ppo_epochs: int = 4
     ppo_lr: float = 3e-3
     dpo_pairs: int = 8000  # preference pairs drawn from pi_ref
-    dpo_steps: int = 200  # preference optimizer steps (linear decay to 0, as TRL)
+    dpo_steps: int = 300  # preference optimizer steps (linear decay to 0, as TRL)
     dpo_batch_size: int = 64
     dpo_lr: float = 3e-3
     simpo_beta: float = 2.0  # SimPO's scale of the length-normalized log-prob
