@@ -218,7 +218,7 @@ def bench_onpolicy(st: Setup, peak_flops: float, row: OnPolicyRow) -> dict:
         # trailing space: TRL scores prompt + completion as one string
         prompts = [p + " " for p in st.prompts(units * s.batch_size, salt=99)]
         args = trl_args(
-            config_cls, st, os.path.join(tmp, "out"),
+            config_cls, os.path.join(tmp, "out"), st.device.type, st.seed,
             per_device_train_batch_size=s.mini_batch_size, gradient_accumulation_steps=1,
             steps_per_generation=s.batch_size // s.mini_batch_size, num_iterations=s.ppo_epochs,
             num_generations=g, max_completion_length=s.max_new_tokens, temperature=TEMPERATURE,
@@ -335,7 +335,8 @@ def _run_trl_dpo(st: Setup, pairs: dict, timer: Timer, ours) -> None:
     units = s.warmup + s.repeats
     policy = st.policy()
     with tempfile.TemporaryDirectory() as tmp:
-        args = trl_args(DPOConfig, st, tmp, per_device_train_batch_size=s.batch_size,
+        args = trl_args(DPOConfig, tmp, st.device.type, st.seed,
+                        per_device_train_batch_size=s.batch_size,
                          gradient_accumulation_steps=1, beta=0.1, learning_rate=1e-5,
                          max_steps=units, max_length=s.n_positions,
                          train_sampling_strategy="sequential",

@@ -204,12 +204,13 @@ def quiet(trainer):
     return trainer
 
 
-def trl_args(cls, st: Setup, out: str, **kw):
-    """A TRL config for a quiet, offline, fixed-length run on `st.device`."""
+def trl_args(cls, out: str, device_type: str, seed: int, **kw):
+    """A TRL config for a quiet, offline, fixed-length run on a `device_type` device (bf16
+    on CUDA)."""
     fields = cls.__dataclass_fields__
-    cuda = st.device.type == "cuda"
+    cuda = device_type == "cuda"
     args = {"output_dir": out, "report_to": "none", "save_strategy": "no", "logging_steps": 10**6,
-            "use_cpu": not cuda, "bf16": cuda, "seed": st.seed, "dataloader_num_workers": 0,
+            "use_cpu": not cuda, "bf16": cuda, "seed": seed, "dataloader_num_workers": 0,
             "disable_tqdm": True, **kw}
     for name in ("gradient_checkpointing", "activation_checkpointing"):
         if name in fields:

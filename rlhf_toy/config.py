@@ -78,6 +78,12 @@ def _positive(cfg: Any, *names: str) -> None:
         check(value > 0, name, "> 0", value)
 
 
+def _check_lr_scheduler(cfg: Any) -> None:
+    """`lr_scheduler_type` of a stage with a schedule (DPO, the on-policy stages)."""
+    check(cfg.lr_scheduler_type in ("linear", "constant"), "lr_scheduler_type",
+          "linear or constant", cfg.lr_scheduler_type)
+
+
 def _unit(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -405,8 +411,7 @@ class OnPolicyConfig(CommonConfig, SamplingConfig, TrainConfig):
         check(self.missing_eos_penalty >= 0, "missing_eos_penalty", ">= 0",
               self.missing_eos_penalty)
         check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
-        check(self.lr_scheduler_type in ("constant", "linear"), "lr_scheduler_type",
-              "constant or linear", self.lr_scheduler_type)
+        _check_lr_scheduler(self)
         check(self.eval_steps >= 0, "eval_steps", ">= 0", self.eval_steps)
         check(self.inspect_steps >= 0, "inspect_steps", ">= 0", self.inspect_steps)
 
@@ -475,8 +480,7 @@ class DPOConfig(CommonConfig, SamplingConfig, TrainConfig):
         self._check_sampling()
         self._check_train()
         check(0 < self.beta <= MAX_BETA, "beta", f"in (0, {MAX_BETA:g}]", self.beta)
-        check(self.lr_scheduler_type in ("linear", "constant"), "lr_scheduler_type",
-              "linear or constant", self.lr_scheduler_type)
+        _check_lr_scheduler(self)
         check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)",
               self.label_smoothing)
         check(self.loss_type == "sigmoid" or self.label_smoothing == 0.0, "label_smoothing",

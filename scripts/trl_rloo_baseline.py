@@ -33,6 +33,7 @@ import random  # noqa: E402
 
 import torch  # noqa: E402
 
+from rlhf_toy.bench_common import trl_args  # noqa: E402
 from rlhf_toy.evaluate import SamplingArgs, eval_prompts, evaluate_policy  # noqa: E402
 from rlhf_toy.models import freeze, load_policy, load_reward_model  # noqa: E402
 from rlhf_toy.tasks import get_task  # noqa: E402
@@ -73,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     updates = args.ppo_epochs * (args.batch_size // args.mini_batch_size)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        config = trl.RLOOConfig(
-            output_dir=os.path.join(tmp, "out"), report_to="none", save_strategy="no",
-            logging_steps=10**6, use_cpu=True, seed=args.seed, dataloader_num_workers=0,
-            disable_tqdm=True, per_device_train_batch_size=args.mini_batch_size,
+        config = trl_args(  # quiet, offline, CPU, as the benchmark's
+            trl.RLOOConfig, os.path.join(tmp, "out"), "cpu", args.seed,
+            per_device_train_batch_size=args.mini_batch_size,
             gradient_accumulation_steps=1,
             steps_per_generation=args.batch_size // args.mini_batch_size,
             num_iterations=args.ppo_epochs, num_generations=args.num_generations,
