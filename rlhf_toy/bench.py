@@ -60,6 +60,7 @@ from rlhf_toy.models import PolicyWithValueHead, freeze
 from rlhf_toy.rollout import encode_prompts, sample
 from rlhf_toy.tasks import get_task
 from rlhf_toy.tokenizer import build_tokenizer
+from rlhf_toy.train.common import clip_grad_norm, optimizer_step
 
 SIZES = {
     "test": Size(1, 32, 2, 32, 8, 4, 1, 4, repeats=2, warmup=0),  # smoke tests only
@@ -305,9 +306,8 @@ def bench_dpo(st: Setup, peak_flops: float) -> dict:
         model.train()
         value, _ = batch_loss(model, data, index, loss, tok.pad_token_id)
         st.acc.backward(value)
-        st.acc.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+        clip_grad_norm(st.acc, list(model.parameters()), 1.0)
+        optimizer_step(st.acc, optimizer)
 
     trl_ref = ("DPOTrainer precomputes them too (precompute_ref_log_probs, untimed): equal work"
                if s.trl_dpo_precompute_ref else

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
 from rlhf_toy.config import to_dict
 from rlhf_toy.errors import NonFiniteError, StorageError, UsageError
@@ -269,6 +269,31 @@ class LineProgress:
 
     def close(self) -> None:
         pass
+
+
+def clip_grad_norm(acc: Accelerator, parameters: list[torch.nn.Parameter],
+                   max_norm: float) -> torch.Tensor:
+    """`acc.clip_grad_norm_`: in one process without a gradient scaler, the same
+    `torch.nn.utils.clip_grad_norm_` that accelerate calls, without the package-version
+    lookup accelerate makes on every call (0.2 ms of a tiny model's 8.5 ms minibatch
+    update; README, "Speed"). Returns the total norm before clipping."""
+    if acc.distributed_type == DistributedType.NO and acc.scaler is None:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return acc.clip_grad_norm_(parameters, max_norm)
+
+
+def optimizer_step(acc: Accelerator, optimizer: Any) -> None:
+    """`optimizer.step()` then `optimizer.zero_grad()` on an optimizer `acc` prepared: at
+    the end of a gradient-accumulation cycle only. In one process without a gradient
+    scaler, the wrapped optimizer's own calls, without the package lookups accelerate's
+    wrapper makes on every step (0.3 ms of the same 8.5 ms)."""
+    if acc.distributed_type != DistributedType.NO or acc.scaler is not None:
+        optimizer.step()
+        optimizer.zero_grad()
+    elif acc.sync_gradients:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
 
 
 def first_non_finite(**quantities: torch.Tensor | None) -> str | None:

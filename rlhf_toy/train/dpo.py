@@ -50,9 +50,11 @@ from rlhf_toy.train.common import (
     batch_indices,
     check_context,
     check_vocab,
+    clip_grad_norm,
     finish_stage,
     first_non_finite,
     open_run,
+    optimizer_step,
     progress,
     scheduled_learning_rate,
     start_stage,
@@ -360,14 +362,13 @@ def run_dpo(cfg: DPOConfig) -> dict:
                 value, stats = batch_loss(model, ctx.train, idx, loss, pad)
                 # 3. backward, clip, step (accelerate steps once per accumulation cycle)
                 acc.backward(value)
-                grad_norm = (acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = (clip_grad_norm(acc, list(model.parameters()), cfg.max_grad_norm)
                              if acc.sync_gradients else None)
                 # before the step (and before any step of this one): save the state after step - 1
                 bad = first_non_finite(loss=value, grad_norm=grad_norm)
                 if bad:
                     raise ckpt.fail(bad, step, state)
-                optimizer.step()
-                optimizer.zero_grad()
+                optimizer_step(acc, optimizer)
         # 4. diagnostics, and the held-out gold / proxy reward every eval_steps
         row = {"loss": value.item(), "learning_rate": optimizer.param_groups[0]["lr"], **stats}
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:

@@ -56,9 +56,11 @@ from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
     check_context,
     check_vocab,
+    clip_grad_norm,
     finish_stage,
     first_non_finite,
     open_run,
+    optimizer_step,
     progress,
     scheduled_learning_rate,
     start_stage,
@@ -200,6 +202,7 @@ def update(method: OnPolicyMethod, model, optimizer, acc, batch: Rollout, cfg: O
     n = batch.mask.shape[0]
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     updated = False  # has an optimizer step of this call changed the model yet?
+    params = list(model.parameters())
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=generator).to(batch.mask.device)
         shuffled = batch.select(perm)  # one gather per epoch; its minibatches are views
@@ -215,14 +218,13 @@ def update(method: OnPolicyMethod, model, optimizer, acc, batch: Rollout, cfg: O
                     entropy = masked_mean(entropy_from_logits(logits.float()), mb.mask)
                 loss = loss - cfg.ent_coef * entropy
                 acc.backward(loss)
-                grad_norm = (acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = (clip_grad_norm(acc, params, cfg.max_grad_norm)
                              if acc.sync_gradients else None)
                 # one sync for the logged losses and the finite check, before the step:
                 # a non-finite update is never applied
                 logged = finite_or_raise(updated, **losses, entropy=entropy, loss=loss,
                                          grad_norm=grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                optimizer_step(acc, optimizer)
                 updated = updated or acc.sync_gradients
             for k, v in {**mb_stats, **logged}.items():
                 stats.setdefault(k, []).append(v)

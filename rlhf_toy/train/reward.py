@@ -29,9 +29,11 @@ from rlhf_toy.tokenizer import load_tokenizer
 from rlhf_toy.train.common import (
     batch_indices,
     check_vocab,
+    clip_grad_norm,
     finish_stage,
     first_non_finite,
     open_run,
+    optimizer_step,
     progress,
     start_stage,
 )
@@ -69,9 +71,8 @@ def fit_pairs(model, optimizer, acc, chosen: dict, rejected: dict, steps: int, c
     for step in range(steps):
         sc, sr = pair_scores(model, chosen, rejected, batch_indices(n, cfg.batch_size, step, seed))
         acc.backward(bradley_terry_loss(sc, sr))
-        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
+        clip_grad_norm(acc, list(model.parameters()), cfg.max_grad_norm)
+        optimizer_step(acc, optimizer)
     model.eval()
 
 
@@ -131,9 +132,8 @@ def run_reward(cfg: RewardConfig) -> dict:
                 loss = bradley_terry_loss(sc, sr)
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                    clip_grad_norm(acc, list(model.parameters()), cfg.max_grad_norm)
+                optimizer_step(acc, optimizer)
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
             # checked where the loss is read anyway (no extra sync): the fault is caught at
             # the next logging step, and the last periodic checkpoint is the good state

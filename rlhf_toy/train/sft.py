@@ -25,9 +25,11 @@ from rlhf_toy.train.common import (
     batch_indices,
     check_context,
     check_vocab,
+    clip_grad_norm,
     finish_stage,
     first_non_finite,
     open_run,
+    optimizer_step,
     progress,
     start_stage,
 )
@@ -104,9 +106,8 @@ def run_sft(cfg: SFTConfig) -> dict:
                 loss = nll(model, select_batch(train_t, idx))
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                    clip_grad_norm(acc, list(model.parameters()), cfg.max_grad_norm)
+                optimizer_step(acc, optimizer)
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
             # checked where the loss is read anyway (no extra sync): the fault is caught at
             # the next logging step, and the last periodic checkpoint is the good state
