@@ -9,6 +9,11 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
+
+# rlhf_toy's environment defaults (the OpenMP spin count) must be set before torch loads
+import rlhf_toy  # noqa: E402,F401
+
+# isort: split
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
