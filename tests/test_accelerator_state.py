@@ -67,3 +67,21 @@ def test_clip_and_step_helpers_equal_accelerates_wrappers_bit_for_bit():
     acc = make_accelerator(SimpleNamespace(device="cpu", mixed_precision="no", seed=0))
     assert clip_grad_norm(acc, [p], 0.5).item() == 5.0
     assert torch.allclose(p.grad, torch.tensor([0.3, 0.4, 0.0]), atol=1e-6)
+
+
+def test_import_sets_the_openmp_spin_count_before_torch_loads_and_keeps_a_users():
+    # libgomp reads GOMP_SPINCOUNT when torch loads: `import rlhf_toy` must come first and
+    # set it only where the user has not (README, "Speed")
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; import rlhf_toy; print(os.environ['GOMP_SPINCOUNT'], "
+            "'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["300000", "False"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "1000"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1000", "False"]
