@@ -351,6 +351,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     bar = progress(cfg.max_steps, "dpo", acc.is_main_process, initial=start)
     gas, micro = cfg.gradient_accumulation_steps, cfg.batch_size // cfg.gradient_accumulation_steps
     model.train()
+    params = list(model.parameters())
     for step in range(start + 1, cfg.max_steps + 1):
         set_learning_rate(optimizer, cfg, step)
         for k in range(gas):
@@ -362,7 +363,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
                 value, stats = batch_loss(model, ctx.train, idx, loss, pad)
                 # 3. backward, clip, step (accelerate steps once per accumulation cycle)
                 acc.backward(value)
-                grad_norm = (clip_grad_norm(acc, list(model.parameters()), cfg.max_grad_norm)
+                grad_norm = (clip_grad_norm(acc, params, cfg.max_grad_norm)
                              if acc.sync_gradients else None)
                 # before the step (and before any step of this one): save the state after step - 1
                 bad = first_non_finite(loss=value, grad_norm=grad_norm)

@@ -66,12 +66,12 @@ def evaluate_pairs(model, chosen: dict, rejected: dict, batch_size: int) -> dict
 def fit_pairs(model, optimizer, acc, chosen: dict, rejected: dict, steps: int, cfg: RewardConfig,
               seed: int) -> None:
     """`steps` plain Bradley-Terry steps on the pairs (no checkpoints, no logging)."""
-    n = chosen["prompt_ids"].shape[0]
+    n, params = chosen["prompt_ids"].shape[0], list(model.parameters())
     model.train()
     for step in range(steps):
         sc, sr = pair_scores(model, chosen, rejected, batch_indices(n, cfg.batch_size, step, seed))
         acc.backward(bradley_terry_loss(sc, sr))
-        clip_grad_norm(acc, list(model.parameters()), cfg.max_grad_norm)
+        clip_grad_norm(acc, params, cfg.max_grad_norm)
         optimizer_step(acc, optimizer)
     model.eval()
 
@@ -123,6 +123,7 @@ def run_reward(cfg: RewardConfig) -> dict:
     start = resumed["step"] if resumed else 0
     bar = progress(cfg.max_steps, "reward", acc.is_main_process, initial=start)
     model.train()
+    params = list(model.parameters())
     for step in range(start + 1, cfg.max_steps + 1):
         for micro in range(cfg.gradient_accumulation_steps):
             idx = batch_indices(n_train, cfg.batch_size,
@@ -132,7 +133,7 @@ def run_reward(cfg: RewardConfig) -> dict:
                 loss = bradley_terry_loss(sc, sr)
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    clip_grad_norm(acc, list(model.parameters()), cfg.max_grad_norm)
+                    clip_grad_norm(acc, params, cfg.max_grad_norm)
                 optimizer_step(acc, optimizer)
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
             # checked where the loss is read anyway (no extra sync): the fault is caught at

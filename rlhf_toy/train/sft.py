@@ -98,6 +98,7 @@ def run_sft(cfg: SFTConfig) -> dict:
 
     # 2. next-token training on responses
     model.train()
+    params = list(model.parameters())
     for step in range(start + 1, cfg.max_steps + 1):
         for micro in range(cfg.gradient_accumulation_steps):
             idx = batch_indices(cfg.n_train, cfg.batch_size,
@@ -106,7 +107,7 @@ def run_sft(cfg: SFTConfig) -> dict:
                 loss = nll(model, select_batch(train_t, idx))
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    clip_grad_norm(acc, list(model.parameters()), cfg.max_grad_norm)
+                    clip_grad_norm(acc, params, cfg.max_grad_norm)
                 optimizer_step(acc, optimizer)
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
             # checked where the loss is read anyway (no extra sync): the fault is caught at
