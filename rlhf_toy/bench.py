@@ -299,6 +299,7 @@ def bench_dpo(st: Setup, peak_flops: float) -> dict:
                for k in ("prompt_mask", "response_mask")).cpu()  # (N,) real tokens per pair
 
     loss = partial(PREFERENCE_LOSSES["sigmoid"], beta=0.1)  # as run_dpo's loss_fn
+    params = list(model.parameters())  # listed once, as run_dpo
 
     def ours():
         index = torch.arange(step[0] * s.batch_size, (step[0] + 1) * s.batch_size)
@@ -306,7 +307,7 @@ def bench_dpo(st: Setup, peak_flops: float) -> dict:
         model.train()
         value, _ = batch_loss(model, data, index, loss, tok.pad_token_id)
         st.acc.backward(value)
-        clip_grad_norm(st.acc, list(model.parameters()), 1.0)
+        clip_grad_norm(st.acc, params, 1.0)
         optimizer_step(st.acc, optimizer)
 
     trl_ref = ("DPOTrainer precomputes them too (precompute_ref_log_probs, untimed): equal work"
